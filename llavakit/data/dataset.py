@@ -1,0 +1,251 @@
+"""The training dataset: validated records → (input_ids, labels, uint8 images) samples.
+
+Before training, every record is encoded once to learn its exact length after image expansion
+(:func:`build_sample_index`, cached on disk). Samples whose image block or every answer would be cut by
+``model_max_length``, and samples whose supervision cannot be established, are skipped *there*, counted
+and reported — they never reach the model, so no rank waits on another over one.
+
+At train time a missing or undecodable image does not kill the run: the sample is replaced by the next
+sample of the same modality (deterministic), counted, and written with its id and reason to the report
+file; past ``max_bad_fraction`` of the samples seen, the run stops with :class:`DataQualityError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from llavakit.data.images import ImageLoadError, ImageTransform, open_image
+from llavakit.data.records import RecordStore, parse_record
+from llavakit.data.templates import TemplateError
+from llavakit.data.tokenize import ConversationEncoder, SampleTooLong, SupervisionError
+
+logger = logging.getLogger(__name__)
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples failed to load during training."""
+
+
+@dataclass
+class SampleIndex:
+    """The records that train, with their exact (post-truncation) lengths, and those skipped."""
+
+    record_idx: np.ndarray
+    lengths: np.ndarray
+    has_image: np.ndarray
+    full_lengths: np.ndarray
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def num_truncated(self) -> int:
+        return int((self.full_lengths > self.lengths).sum())
+
+    def modality_lengths(self) -> np.ndarray:
+        """Positive for samples with images, negative for text-only (the original's convention)."""
+        return np.where(self.has_image, self.lengths, -self.lengths)
+
+
+def _cache_key(store: RecordStore, encoder: ConversationEncoder) -> str:
+    h = hashlib.sha256()
+    src = Path(store.source)
+    st = src.stat() if src.exists() else None
+    target = src / RecordStore.OFFSETS if src.is_dir() else src
+    st = target.stat() if target.exists() else st
+    h.update(json.dumps([str(src.resolve()), len(store), st.st_size if st else 0,
+                         st.st_mtime_ns if st else 0]).encode())
+    h.update(encoder.template.name.encode())
+    h.update(repr(encoder.image_block[:2] + [len(encoder.image_block)]).encode())
+    h.update(str(encoder.add_bos).encode())
+    h.update(encoder.tokenizer.backend_tokenizer.to_str().encode())
+    return h.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LLAVAKIT_CACHE", Path.home() / ".cache" / "llavakit"))
+
+
+def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
+                   cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Encode every valid record once: full length, image-block end, first supervised position.
+
+    ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established (their
+    message is in ``errors``). Cached under ``cache_dir`` keyed by the file, tokenizer and template.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / "lengths" / f"{_cache_key(store, encoder)}.npz"
+    valid_arr = np.asarray(valid, dtype=np.int64)
+    if path.is_file():
+        try:
+            data = dict(np.load(path, allow_pickle=False))
+            if np.array_equal(data["record_idx"], valid_arr):
+                return data
+        except (OSError, ValueError, KeyError):
+            logger.warning("ignoring unreadable length cache %s", path)
+    n = len(valid)
+    full = np.zeros(n, np.int64)
+    image_end = np.zeros(n, np.int64)
+    first_sup = np.zeros(n, np.int64)
+    has_image = np.zeros(n, bool)
+    status = np.zeros(n, np.int8)
+    errors: list[str] = []
+    it = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="tokenizing records", unit="rec", mininterval=1.0)
+    for k in it:
+        rec = parse_record(store, valid[k])
+        has_image[k] = rec.has_image
+        try:
+            enc = encoder.encode(rec)
+        except (SupervisionError, TemplateError) as e:
+            status[k] = 1
+            errors.append(f"{k}\t{e}")
+            continue
+        full[k], image_end[k], first_sup[k] = len(enc), enc.image_end, enc.first_supervised
+    data = {"record_idx": valid_arr, "full": full, "image_end": image_end, "first_sup": first_sup,
+            "has_image": has_image, "status": status, "errors": np.asarray(errors, dtype=str)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not write the length cache %s: %s", path, e)
+    return data
+
+
+def build_sample_index(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
+                       model_max_length: int | None, cache_dir: str | os.PathLike | None = None,
+                       progress: bool = False) -> SampleIndex:
+    """Decide which records train and how long each is after truncation; report the rest."""
+    data = encode_lengths(store, valid, encoder, cache_dir, progress)
+    errors = {int(line.split("\t", 1)[0]): line.split("\t", 1)[1] for line in data["errors"].tolist()}
+    keep, lengths, skipped = [], [], []
+    for k, ridx in enumerate(data["record_idx"].tolist()):
+        rid = str(store.raw(ridx).get("id", ridx))
+        where = f"{store.source}: record {ridx} (id={rid!r})"
+        if data["status"][k]:
+            skipped.append({"index": ridx, "id": rid, "kind": "no_supervision",
+                            "message": f"{where}: {errors.get(k, 'supervision cannot be established')}"})
+            continue
+        full = int(data["full"][k])
+        if model_max_length is not None and full > model_max_length:
+            if data["image_end"][k] > model_max_length:
+                skipped.append({"index": ridx, "id": rid, "kind": "too_long",
+                                "message": f"{where}: {full} tokens; the image block would be cut by "
+                                           f"--model_max_length {model_max_length}"})
+                continue
+            if data["first_sup"][k] >= model_max_length:
+                skipped.append({"index": ridx, "id": rid, "kind": "too_long",
+                                "message": f"{where}: {full} tokens; every answer would be cut by "
+                                           f"--model_max_length {model_max_length}"})
+                continue
+        keep.append(k)
+        lengths.append(min(full, model_max_length) if model_max_length else full)
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    return SampleIndex(
+        record_idx=data["record_idx"][keep_arr] if len(keep) else np.zeros(0, np.int64),
+        lengths=np.asarray(lengths, dtype=np.int64),
+        has_image=data["has_image"][keep_arr] if len(keep) else np.zeros(0, bool),
+        full_lengths=data["full"][keep_arr] if len(keep) else np.zeros(0, np.int64),
+        skipped=skipped,
+    )
+
+
+def resolve_image(image_folder: str | None, path: str) -> str:
+    if os.path.isabs(path) or not image_folder:
+        return path
+    return os.path.join(image_folder, path)
+
+
+class LlavaDataset(Dataset):
+    """One sample per kept record: ``input_ids``, ``labels`` (LongTensors) and ``images`` (uint8 or None)."""
+
+    def __init__(self, store: RecordStore, index: SampleIndex, encoder: ConversationEncoder,
+                 transform: ImageTransform, image_folder: str | None = None,
+                 model_max_length: int | None = None, report_path: str | os.PathLike | None = None,
+                 max_bad_fraction: float = 0.01, min_seen_for_threshold: int = 100):
+        self.store = store
+        self.index = index
+        self.encoder = encoder
+        self.transform = transform
+        self.image_folder = image_folder
+        self.model_max_length = model_max_length
+        self.report_path = str(report_path) if report_path else None
+        self.max_bad_fraction = max_bad_fraction
+        self.min_seen = min_seen_for_threshold
+        self.seen = 0
+        self.bad = 0
+
+    def __len__(self) -> int:
+        return len(self.index.record_idx)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.index.lengths
+
+    @property
+    def modality_lengths(self) -> np.ndarray:
+        return self.index.modality_lengths()
+
+    def load(self, i: int) -> dict:
+        """Build sample ``i``; raises :class:`ImageLoadError` when one of its images fails."""
+        rec = parse_record(self.store, int(self.index.record_idx[i]))
+        enc = self.encoder.fit(self.encoder.encode(rec), self.model_max_length)
+        images = None
+        if rec.images:
+            arrs = [self.transform.to_uint8(open_image(resolve_image(self.image_folder, p))) for p in rec.images]
+            images = torch.from_numpy(np.stack(arrs))
+        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                "labels": torch.tensor(enc.labels, dtype=torch.long),
+                "images": images, "id": rec.id}
+
+    def __getitem__(self, i: int) -> dict:
+        self.seen += 1
+        n = len(self)
+        j = i
+        for _ in range(min(n, 64)):
+            try:
+                return self.load(j)
+            except (ImageLoadError, SampleTooLong) as e:
+                self._report_bad(j, e)
+                j = self._replacement(j)
+        raise DataQualityError(f"{self.store.source}: 64 samples in a row failed to load near index {i}; "
+                               f"check --image_folder ({self.image_folder}) with `llavakit data check`")
+
+    def _replacement(self, j: int) -> int:
+        """The next sample of the same modality, wrapping around (deterministic)."""
+        has = self.index.has_image
+        n = len(self)
+        for step in range(1, n):
+            k = (j + step) % n
+            if has[k] == has[j]:
+                return k
+        return (j + 1) % n
+
+    def _report_bad(self, j: int, err: Exception) -> None:
+        self.bad += 1
+        ridx = int(self.index.record_idx[j])
+        rid = str(self.store.raw(ridx).get("id", ridx))
+        logger.warning("sample %s (record %d) replaced: %s", rid, ridx, err)
+        if self.report_path:
+            line = json.dumps({"index": ridx, "id": rid, "reason": str(err)}) + "\n"
+            with open(self.report_path, "a", encoding="utf-8") as f:
+                f.write(line)
+        over_seen = self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen
+        over_total = self.bad > max(1.0, self.max_bad_fraction * len(self))
+        if over_seen or over_total:
+            raise DataQualityError(
+                f"{self.bad} of {self.seen} samples seen failed to load (more than "
+                f"{self.max_bad_fraction:.1%}); the last: record {ridx} (id={rid!r}): {err}. "
+                f"See {self.report_path or 'the log'}; fix the images or run `llavakit data check`.")

@@ -1,0 +1,207 @@
+"""Open images as RGB, pad to square or resize + centre crop, normalise — fast, and equal to transformers.
+
+The pipeline is split in two so that workers can hand over uint8 pixels:
+
+* :meth:`ImageTransform.to_uint8` — decode-side work on a PIL image: optional pad to square with the mean
+  colour (the original's ``expand2square``), resize (shortest edge, the processor's resampling), centre
+  crop. Returns a ``(3, H, W)`` uint8 array.
+* :meth:`ImageTransform.normalize` — rescale + normalise through a per-channel 256-entry lookup table
+  computed with the same float operations as transformers (float64 rescale, float32 normalise), so the
+  result is bit-identical to ``CLIPImageProcessorPil`` while costing one gather. Works on numpy or torch,
+  on any device.
+
+All parameters come from the vision tower's own image-processor config (size, crop, mean, std, resample).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+BICUBIC = 3
+
+
+class ImageLoadError(OSError):
+    """An image is missing or cannot be decoded."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open any common format as an RGB PIL image.
+
+    Applies the EXIF orientation, takes the first frame of animations, composites transparency over white
+    (as transformers' ``convert_to_rgb`` does), scales 16/32-bit greyscale to 8 bits, converts CMYK and
+    palette images.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise ImageLoadError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except ImageLoadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot decode image: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if im.mode == "I" and arr.max() <= 65535:
+            top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
+    if has_alpha:
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def expand2square(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square, image centred, with ``background`` (the original LLaVA's ``pad`` mode)."""
+    w, h = im.size
+    if w == h:
+        return im
+    side = max(w, h)
+    out = Image.new(im.mode, (side, side), background)
+    out.paste(im, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _get(cfg: Any, key: str, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+@dataclass
+class ImageTransform:
+    """The vision tower's preprocessing, as a fast PIL + numpy path."""
+
+    shortest_edge: int | None = 336
+    size_hw: tuple[int, int] | None = None
+    crop_hw: tuple[int, int] | None = (336, 336)
+    resample: int = BICUBIC
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    aspect_ratio: str = "square"
+
+    def __post_init__(self):
+        if self.aspect_ratio not in ("square", "pad"):
+            raise ValueError(f"--image_aspect_ratio {self.aspect_ratio!r} is not supported; use 'square' or 'pad'")
+        x = np.arange(256, dtype=np.uint8)
+        lut = np.stack([x] * 3).astype(np.float32)
+        if self.do_rescale:
+            lut = (np.stack([x] * 3).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            lut = ((lut.T - mean) / std).T
+        self.lut = np.ascontiguousarray(lut, dtype=np.float32)
+        self._lut_t = {}
+
+    @classmethod
+    def from_processor(cls, processor: Any, aspect_ratio: str = "square") -> ImageTransform:
+        """Build from a transformers image processor (object or its config dict)."""
+        size = _get(processor, "size") or {}
+        crop = _get(processor, "crop_size")
+        size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
+        crop = ({"height": crop, "width": crop} if isinstance(crop, int) else dict(crop)) if crop else None
+        resample = _get(processor, "resample", BICUBIC)
+        resample = int(resample) if resample is not None else BICUBIC
+        return cls(
+            shortest_edge=size.get("shortest_edge"),
+            size_hw=(size["height"], size["width"]) if "height" in size else None,
+            crop_hw=(crop["height"], crop["width"]) if crop else None,
+            resample=resample,
+            do_resize=bool(_get(processor, "do_resize", True)),
+            do_center_crop=bool(_get(processor, "do_center_crop", bool(crop))),
+            do_rescale=bool(_get(processor, "do_rescale", True)),
+            rescale_factor=float(_get(processor, "rescale_factor", 1 / 255)),
+            do_normalize=bool(_get(processor, "do_normalize", True)),
+            image_mean=tuple(_get(processor, "image_mean", cls.image_mean)),
+            image_std=tuple(_get(processor, "image_std", cls.image_std)),
+            aspect_ratio=aspect_ratio,
+        )
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    @property
+    def output_hw(self) -> tuple[int, int] | None:
+        if self.do_center_crop and self.crop_hw:
+            return self.crop_hw
+        if self.size_hw:
+            return self.size_hw
+        return None
+
+    def _resize_hw(self, h: int, w: int) -> tuple[int, int]:
+        if self.size_hw:
+            return self.size_hw
+        s = self.shortest_edge
+        if s is None:
+            raise ValueError("image processor config has neither size.shortest_edge nor size.height/width")
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+
+    def to_uint8(self, im: Image.Image) -> np.ndarray:
+        """Pad/resize/crop an RGB PIL image; return ``(3, H, W)`` uint8."""
+        if self.aspect_ratio == "pad":
+            im = expand2square(im, self.background)
+        if self.do_resize:
+            h, w = self._resize_hw(im.height, im.width)
+            im = im.resize((w, h), resample=self.resample)
+        if self.do_center_crop and self.crop_hw:
+            ch, cw = self.crop_hw
+            top, left = (im.height - ch) // 2, (im.width - cw) // 2
+            if top >= 0 and left >= 0:
+                im = im.crop((left, top, left + cw, top + ch))
+            else:
+                from transformers.image_transforms import center_crop
+
+                arr = center_crop(np.asarray(im).transpose(2, 0, 1), (ch, cw), input_data_format="channels_first")
+                return np.ascontiguousarray(arr, dtype=np.uint8)
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+
+    def normalize(self, pixels):
+        """uint8 ``(..., 3, H, W)`` → float32, bit-identical to transformers' rescale + normalise."""
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            torch = None
+        if torch is not None and isinstance(pixels, torch.Tensor):
+            key = str(pixels.device)
+            if key not in self._lut_t:
+                self._lut_t[key] = torch.from_numpy(self.lut).to(pixels.device)
+            lut = self._lut_t[key]
+            idx = pixels.long()
+            chan = torch.arange(3, device=pixels.device).view(3, 1, 1)
+            return lut[chan, idx]
+        pixels = np.asarray(pixels)
+        chan = np.arange(3).reshape(3, 1, 1)
+        return self.lut[chan, pixels]
+
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        return self.normalize(self.to_uint8(im))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_lut_t"] = {}
+        return state

@@ -1,0 +1,193 @@
+"""Render a conversation, tokenize it, expand ``<image>`` into image-token blocks, build labels.
+
+Token ids follow the original LLaVA's construction: the prompt is split at each ``<image>``, every text
+chunk is tokenized on its own (BOS once, at the start, when the tokenizer adds one), and each placeholder
+becomes a block of N image-token ids (the original spliced a single ``-200`` there instead).
+
+Labels come from character offsets: a token is supervised when its characters lie in a supervised segment
+of the template's rendering. The result is then verified — every answer must own at least one token and no
+token may mix answer text with prompt text — and a sample that fails is a :class:`SupervisionError`, never
+a silently masked sample that trains on loss 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import AddedToken
+
+from llavakit import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from llavakit.data.records import Record
+from llavakit.data.templates import Segment, Template, place_images
+
+IM_START = "<im_start>"
+IM_END = "<im_end>"
+
+
+class SupervisionError(ValueError):
+    """The supervised tokens of a sample cannot be established."""
+
+
+class SampleTooLong(ValueError):
+    """A sample cannot be fitted into ``model_max_length`` without cutting an image or every answer."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    #: (start, end) token positions of each image block, in order
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    prompt: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def first_supervised(self) -> int:
+        for i, lab in enumerate(self.labels):
+            if lab != IGNORE_INDEX:
+                return i
+        return len(self.labels)
+
+    @property
+    def image_end(self) -> int:
+        return self.image_spans[-1][1] if self.image_spans else 0
+
+
+def ensure_image_token(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> int:
+    """Add the image token to the tokenizer as a special token (if missing); return its id."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+class ConversationEncoder:
+    """Turns a :class:`Record` into input ids and labels for one template and one vision tower."""
+
+    def __init__(self, tokenizer, template: Template, num_image_tokens: int,
+                 image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("llavakit needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
+                             f"{type(tokenizer).__name__} is not one")
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.num_image_tokens = num_image_tokens
+        self.image_token_id = ensure_image_token(tokenizer, image_token)
+        self.add_bos = tokenizer_adds_bos(tokenizer)
+        block = [self.image_token_id] * num_image_tokens
+        if mm_use_im_start_end:
+            block = [ensure_image_token(tokenizer, IM_START), *block, ensure_image_token(tokenizer, IM_END)]
+        self.image_block = block
+        self._check_stop_token()
+
+    def _check_stop_token(self) -> None:
+        stop = self.template.stop_str
+        if not stop:
+            return
+        ids = self.tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"template {self.template.name!r} ends each answer with {stop!r}, which this tokenizer does not "
+                f"know as one token (it splits into {len(ids)}); pick the --version that matches the model")
+
+    def render(self, record: Record) -> list[Segment]:
+        turns = place_images(record.turns, len(record.images))
+        return self.template.render(turns)
+
+    def encode(self, record: Record) -> Encoded:
+        segments = self.render(record)
+        prompt = "".join(s.text for s in segments)
+        sup = np.zeros(len(prompt) + 1, dtype=bool)
+        seg_bounds: list[tuple[int, int]] = []
+        pos = 0
+        for s in segments:
+            if s.supervised:
+                sup[pos:pos + len(s.text)] = True
+                seg_bounds.append((pos, pos + len(s.text)))
+            pos += len(s.text)
+        nonspace = np.array([not c.isspace() for c in prompt] + [False], dtype=bool)
+
+        chunks = prompt.split(IMAGE_PLACEHOLDER)
+        starts, p = [], 0
+        for c in chunks:
+            starts.append(p)
+            p += len(c) + len(IMAGE_PLACEHOLDER)
+        enc = self.tokenizer([c for c in chunks], add_special_tokens=False, return_offsets_mapping=True)
+
+        ids: list[int] = []
+        labels: list[int] = []
+        spans: list[tuple[int, int]] = []
+        token_chars: list[tuple[int, int]] = []
+        if self.add_bos:
+            ids.append(self.tokenizer.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for k, (chunk_ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            base = starts[k]
+            for tid, (a, b) in zip(chunk_ids, offsets):
+                a, b = base + a, base + b
+                if b > a:
+                    window = sup[a:b]
+                    ns = nonspace[a:b]
+                    is_sup = bool(window.any())
+                    if is_sup and ns.any() and (window[ns].any() != window[ns].all()):
+                        raise SupervisionError(
+                            f"token {self.tokenizer.convert_ids_to_tokens(tid)!r} spans answer and prompt text "
+                            f"({prompt[a:b]!r}); the template/tokenizer pair cannot separate them")
+                else:
+                    is_sup = bool(sup[a])
+                ids.append(tid)
+                labels.append(tid if is_sup else IGNORE_INDEX)
+                token_chars.append((a, b))
+            if k < len(chunks) - 1:
+                spans.append((len(ids), len(ids) + len(self.image_block)))
+                ids.extend(self.image_block)
+                labels.extend([IGNORE_INDEX] * len(self.image_block))
+                token_chars.extend([(-1, -1)] * len(self.image_block))
+
+        self._verify(prompt, seg_bounds, labels, token_chars, nonspace)
+        return Encoded(ids, labels, spans, prompt)
+
+    @staticmethod
+    def _verify(prompt: str, seg_bounds, labels, token_chars, nonspace) -> None:
+        if not seg_bounds:
+            raise SupervisionError("the rendered conversation has no answer to supervise")
+        sup_chars = [tc for tc, lab in zip(token_chars, labels) if lab != IGNORE_INDEX]
+        for a, b in seg_bounds:
+            if not nonspace[a:b].any():
+                continue
+            if not any(s < b and e > a for s, e in sup_chars):
+                raise SupervisionError(f"the answer {prompt[a:b][:60]!r} got no supervised token")
+
+    def fit(self, encoded: Encoded, max_length: int | None) -> Encoded:
+        """Truncate to ``max_length`` — text only; raise :class:`SampleTooLong` when that is impossible."""
+        if max_length is None or len(encoded) <= max_length:
+            return encoded
+        if encoded.image_end > max_length:
+            raise SampleTooLong(f"{len(encoded)} tokens; the image block ends at token {encoded.image_end}, "
+                                f"past --model_max_length {max_length}")
+        if encoded.first_supervised >= max_length:
+            raise SampleTooLong(f"{len(encoded)} tokens; every answer starts past --model_max_length {max_length}")
+        return Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length], encoded.image_spans,
+                       encoded.prompt)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """A fast tokenizer from a directory or hub name (also the tokenizer inside a LLaVA checkpoint)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{name_or_path}: no fast tokenizer (tokenizer.json) could be built; llavakit needs one")
+    return tok

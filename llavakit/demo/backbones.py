@@ -1,0 +1,50 @@
+"""Small stand-ins for the hub backbones, built locally: a Llama-style tokenizer trained on given text,
+a tiny Llama causal LM and a tiny CLIP vision tower, all saved with ``save_pretrained`` so that training
+loads them through the same ``from_pretrained`` paths as ``lmsys/vicuna-13b-v1.5`` and
+``openai/clip-vit-large-patch14-336``.
+
+The demo pretrains them briefly; the test suite uses them as they come (random weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+#: special tokens the templates use, so every template can be exercised with one tokenizer
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, extra_special_tokens: list[str] | None = None):
+    """Train a Llama-style BPE tokenizer (Metaspace ``▁``, byte fallback, BOS added) on ``texts``.
+
+    Returns a transformers ``LlamaTokenizer`` (a fast tokenizer) with ``<unk>``, ``<s>``, ``</s>`` at ids
+    0, 1, 2 like Llama's.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tk = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Punctuation(),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(byte_tokens),
+                                  special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    model = json.loads(tk.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True, add_eos_token=False)
+    specials = list(extra_special_tokens if extra_special_tokens is not None else CHAT_SPECIAL_TOKENS)
+    if specials:
+        tok.add_special_tokens({"extra_special_tokens": specials})
+    tok.model_max_length = 4096
+    return tok
+
+
+def save_tokenizer(tok, path: str | os.PathLike) -> str:
+    tok.save_pretrained(str(path))
+    return str(path)
