@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llavakit.demo.backbones import train_tokenizer
 from llavakit.data.templates import LLAVA_LLAMA_SYSTEM, MPT_SYSTEM, VICUNA_SYSTEM
+from llavakit.demo.backbones import train_tokenizer
 
 CORPUS = [
     VICUNA_SYSTEM, LLAVA_LLAMA_SYSTEM, MPT_SYSTEM, "You are a helpful assistant.",
