@@ -192,11 +192,15 @@ class ImageTransform:
                 self._lut_t[key] = torch.from_numpy(self.lut).to(pixels.device)
             lut = self._lut_t[key]
             idx = pixels.long()
-            chan = torch.arange(3, device=pixels.device).view(3, 1, 1)
-            return lut[chan, idx]
+            out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+            for c in range(3):
+                out[..., c, :, :] = lut[c][idx[..., c, :, :]]
+            return out
         pixels = np.asarray(pixels)
-        chan = np.arange(3).reshape(3, 1, 1)
-        return self.lut[chan, pixels]
+        out = np.empty(pixels.shape, dtype=np.float32)
+        for c in range(3):
+            np.take(self.lut[c], pixels[..., c, :, :], out=out[..., c, :, :])
+        return out
 
     def __call__(self, im: Image.Image) -> np.ndarray:
         return self.normalize(self.to_uint8(im))
