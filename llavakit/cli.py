@@ -52,6 +52,8 @@ def cmd_data_check(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavakit", description="Train LLaVA-style vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train (stage 1, stage 2, LoRA) with the original LLaVA scripts' flags",
+                   add_help=False)
 
     data = sub.add_parser("data", help="inspect and prepare training data").add_subparsers(dest="data_cmd",
                                                                                          required=True)
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # the original scripts' flags + the Trainer's: parsed by llavakit.config
+        from llavakit.train.entry import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     from llavakit.data.records import RecordFileError
     from llavakit.data.templates import TemplateError

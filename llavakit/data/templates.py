@@ -79,6 +79,14 @@ class Template:
         """The prompt for generating the next answer; ``turns`` ends with a human turn."""
         raise NotImplementedError
 
+    def to_jinja(self) -> str:
+        """A Jinja chat template that renders as this template does (for the saved tokenizer/processor).
+
+        Message content may be a string (with ``<image>`` inside) or a list of ``{"type": "image"}`` /
+        ``{"type": "text", "text": ...}`` parts; image parts go first, each as ``<image>\n``.
+        """
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class PlainTemplate(Template):
@@ -96,6 +104,14 @@ class PlainTemplate(Template):
 
     def generation_prompt(self, turns: list[Turn]) -> str:
         return IMAGE_PLACEHOLDER * turns[-1].text.count(IMAGE_PLACEHOLDER)
+
+    def to_jinja(self) -> str:
+        return ("{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{% if message['content'] is string %}{{ '<image>' * (message['content'].count('<image>')) }}"
+                "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
+                "{% endif %}{% endfor %}{% endif %}"
+                "{% elif message['role'] == 'assistant' %}" + _jinja_content() + _lit(self.sep) +
+                "{% endif %}{% endfor %}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,48 @@ class RoleTemplate(Template):
             else:
                 out += self.assistant_prefix + a + self.assistant_suffix + self.turn_sep
         return out
+
+    def to_jinja(self) -> str:
+        head = _lit(self.head.replace("{system}", "")) if "{system}" not in self.head else \
+            _lit(self.head.split("{system}")[0]) + "{{ system }}" + _lit(self.head.split("{system}")[1])
+        first = self.first_user_prefix
+        first_j = None
+        if first is not None:
+            a, _, b = first.partition("{system}")
+            first_j = _lit(a) + ("{{ system }}" if "{system}" in first else "") + _lit(b)
+        gen = self.generation_prefix if self.generation_prefix is not None else self.assistant_prefix
+        user = (("{% if loop.index0 == first_user %}" + first_j + "{% else %}" + _lit(self.user_prefix) +
+                 "{% endif %}") if first_j is not None else _lit(self.user_prefix))
+        return (
+            "{% set system = " + _py(self.system) + " %}{% set first_user = 0 %}"
+            "{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set system = messages[0]['content'] if messages[0]['content'] is string "
+            "else messages[0]['content'][0]['text'] %}{% set first_user = 1 %}{% endif %}"
+            + head +
+            "{% for message in messages %}{% if message['role'] == 'user' %}" + user + _jinja_content()
+            + _lit(self.user_suffix) +
+            "{% elif message['role'] == 'assistant' %}" + _lit(self.assistant_prefix) + _jinja_content()
+            + _lit(self.assistant_suffix) + _lit(self.turn_sep) +
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}" + _lit(gen) + "{% endif %}"
+        )
+
+
+def _py(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+def _lit(s: str) -> str:
+    return "{{ " + _py(s) + " }}" if s else ""
+
+
+def _jinja_content() -> str:
+    """Message content as text: a string as is; parts → each image as ``<image>\n``, then the text."""
+    return ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}"
+            "{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+            "{% endif %}{% endfor %}{% endif %}")
 
 
 VICUNA_V1 = RoleTemplate(
@@ -223,6 +281,9 @@ class HFChatTemplate(Template):
 
     def generation_prompt(self, turns: list[Turn]) -> str:
         return self._apply(turns, add_generation_prompt=True)
+
+    def to_jinja(self) -> str:
+        return self.tokenizer.chat_template
 
 
 TEMPLATES: dict[str, Template] = {

@@ -48,3 +48,39 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, extra_special_
 def save_tokenizer(tok, path: str | os.PathLike) -> str:
     tok.save_pretrained(str(path))
     return str(path)
+
+
+def tiny_llama(tokenizer, path: str | os.PathLike, hidden: int = 64, layers: int = 2, heads: int = 4,
+               intermediate: int = 128, max_positions: int = 2048, seed: int = 0) -> str:
+    """A small random Llama causal LM sized to ``tokenizer``, saved with its tokenizer (like Vicuna)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
+                      max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+def tiny_clip(path: str | os.PathLike, image_size: int = 28, patch_size: int = 14, hidden: int = 32,
+              layers: int = 3, heads: int = 4, intermediate: int = 64, seed: int = 0) -> str:
+    """A small random CLIP vision tower with its image-processor config (like openai/clip-vit-*)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+                           projection_dim=hidden)
+    CLIPVisionModel(cfg).save_pretrained(str(path))
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,221 @@
+"""Typed arguments for ``llavakit train``: every flag of the original LLaVA scripts, plus the Trainer's.
+
+``parse_train_args`` reads flags and/or a YAML file (``llavakit train config.yaml --flag value``: flags
+override the file), maps the spellings older transformers used (``--evaluation_strategy``,
+``--warmup_ratio``, ``--gradient_checkpointing``, ``--group_by_length``), and rejects unknown or
+contradictory flags before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import transformers
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The command line or config file asks for something impossible or contradictory."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "the language model (hub name or directory), or a LLaVA checkpoint to continue from"})
+    version: str = field(default="vicuna_v1", metadata={"help": "conversation template (plain, v1, llama_2, ...)"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    vision_tower: str | None = field(default=None, metadata={"help": "e.g. openai/clip-vit-large-patch14-336"})
+    mm_vision_select_layer: int = field(default=-2)
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
+        "help": "stage-1 projector (mm_projector.bin / .safetensors, or its directory)"})
+    mm_projector_type: str = field(default="mlp2x_gelu")
+    mm_use_im_start_end: bool = field(default=False)
+    mm_use_im_patch_token: bool = field(default=False)
+    mm_patch_merge_type: str = field(default="flat")
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+    trust_remote_code: bool = field(default=False)
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON / JSONL, or a converted directory"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility; always lazy"})
+    is_multimodal: bool = field(default=False, metadata={"help": "accepted for compatibility"})
+    image_folder: str | None = field(default=None)
+    image_aspect_ratio: str = field(default="square", metadata={"help": "square (resize + crop) or pad"})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "stop when more than this fraction of the samples seen had an unreadable image"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False)
+    mpt_attn_impl: str | None = field(default="triton", metadata={"help": "accepted for compatibility"})
+    model_max_length: int = field(default=2048, metadata={"help": "maximum sequence length, image tokens included"})
+    double_quant: bool = field(default=True)
+    quant_type: str = field(default="nf4")
+    bits: int = field(default=16)
+    lora_enable: bool = field(default=False)
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_weight_path: str = field(default="")
+    lora_bias: str = field(default="none")
+    mm_projector_lr: float | None = field(default=None)
+    group_by_modality_length: bool = field(default=False)
+    group_by_length: bool = field(default=False)
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over in an output dir that already holds checkpoints"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
+
+
+#: old spelling -> current flag
+LEGACY_FLAGS = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--warmup_ratio": "--warmup_steps",
+    "--gradient_checkpointing": "--activation_checkpointing",
+}
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).lstrip("-")
+        if isinstance(value, list):
+            argv += [flag, *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif value is None:
+            continue
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Expand a leading YAML file and map legacy flag spellings."""
+    argv = list(argv)
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        argv = _yaml_to_argv(argv[0]) + argv[1:]
+    out = []
+    for a in argv:
+        name, eq, val = a.partition("=")
+        if name in LEGACY_FLAGS:
+            a = LEGACY_FLAGS[name] + (eq + val if eq else "")
+        out.append(a)
+    return out
+
+
+def _check_dtype_flags(argv: list[str]) -> list[str]:
+    """``--tf32 True`` on a machine without CUDA is dropped with a warning instead of an error."""
+    import torch
+
+    if torch.cuda.is_available():
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--tf32", "--tf32=True", "--tf32=true"):
+            logger.warning("--tf32 ignored: no CUDA device")
+            if argv[i] == "--tf32" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse ``llavakit train`` arguments; raises :class:`ConfigError` on contradictions."""
+    argv = _check_dtype_flags(normalize_argv(argv))
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    try:
+        model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `llavakit train --help`)")
+    validate_args(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> None:
+    errors = []
+    if not m.model_name_or_path:
+        errors.append("--model_name_or_path is required")
+    if not d.data_path:
+        errors.append("--data_path is required")
+    elif not os.path.exists(d.data_path):
+        errors.append(f"--data_path {d.data_path}: no such file or directory")
+    if d.image_folder and not os.path.isdir(d.image_folder):
+        errors.append(f"--image_folder {d.image_folder}: no such directory")
+    if m.tune_mm_mlp_adapter and t.lora_enable:
+        errors.append("--tune_mm_mlp_adapter (stage 1, projector only) contradicts --lora_enable; choose one")
+    if m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter:
+        errors.append("--tune_mm_mlp_adapter trains only the projector, but --freeze_mm_mlp_adapter freezes it")
+    if m.mm_projector_type != "mlp2x_gelu":
+        errors.append(f"--mm_projector_type {m.mm_projector_type!r} is not supported: transformers' Llava has the "
+                      "mlp2x_gelu projector (Linear, GELU, Linear)")
+    if m.mm_vision_select_feature not in ("patch", "cls_patch"):
+        errors.append(f"--mm_vision_select_feature {m.mm_vision_select_feature!r}: use 'patch' or 'cls_patch'")
+    if m.mm_patch_merge_type != "flat":
+        errors.append(f"--mm_patch_merge_type {m.mm_patch_merge_type!r}: only 'flat' (LLaVA-1.5) is supported")
+    if d.image_aspect_ratio not in ("square", "pad"):
+        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio!r}: use 'square' or 'pad'")
+    if m.pretrain_mm_mlp_adapter and not os.path.exists(m.pretrain_mm_mlp_adapter):
+        errors.append(f"--pretrain_mm_mlp_adapter {m.pretrain_mm_mlp_adapter}: no such file")
+    if t.bits not in (4, 8, 16):
+        errors.append(f"--bits {t.bits}: use 4, 8 or 16")
+    elif t.bits in (4, 8):
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(f"--bits {t.bits} (QLoRA) needs a CUDA GPU with bitsandbytes; none is available here")
+    if t.lora_bias not in ("none", "all", "lora_only"):
+        errors.append(f"--lora_bias {t.lora_bias!r}: use none, all or lora_only")
+    if t.model_max_length < 8:
+        errors.append(f"--model_max_length {t.model_max_length} is too small")
+    from llavakit.data.templates import ALIASES, TEMPLATES
+
+    if m.version not in TEMPLATES and m.version not in ALIASES and m.version != "chat_template":
+        from llavakit.data.templates import TEMPLATE_NAMES
+
+        errors.append(f"--version {m.version!r}: unknown template; choose one of {', '.join(TEMPLATE_NAMES)}")
+    if errors:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def resolved_config(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> dict[str, Any]:
+    train = {k: v for k, v in t.to_dict().items() if not k.startswith("_")}
+    for k in ("hub_token",):
+        if train.get(k):
+            train[k] = "<redacted>"
+    return {"model": asdict(m), "data": asdict(d), "training": train,
+            "llavakit_version": __import__("llavakit").__version__,
+            "transformers_version": transformers.__version__}
+
+
+def save_resolved_config(path: str, m: ModelArguments, d: DataArguments, t: TrainingArguments) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(json.loads(json.dumps(resolved_config(m, d, t), default=str)), f, sort_keys=False)
+    os.replace(tmp, path)

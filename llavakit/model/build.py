@@ -1,0 +1,257 @@
+"""Assemble transformers' ``LlavaForConditionalGeneration`` from a language model and a vision tower.
+
+Two starting points, decided by reading the files (never by directory names):
+
+* a causal LM (``--model_name_or_path``, e.g. Vicuna) plus a vision tower (``--vision_tower``, e.g. CLIP
+  ViT-L/14-336): both are loaded with their own ``from_pretrained`` and put into a Llava shell whose
+  projector is new (``mlp2x_gelu``);
+* a transformers-native LLaVA checkpoint (ours, or shaped like ``llava-hf/llava-1.5-13b-hf``): loaded as it
+  is, with its tokenizer and image processor.
+
+An original-format checkpoint (``LlavaLlamaForCausalLM`` with ``mm_*`` config fields) is recognised and
+refused with the conversion command to run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llavakit import IMAGE_PLACEHOLDER
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_MODEL_TYPES = {"llava", "llava_llama", "llava_mistral", "llava_mpt", "llava_qwen"}
+
+
+class ModelLoadError(ValueError):
+    """The model or vision tower cannot be assembled as asked."""
+
+
+@dataclass
+class Assembled:
+    model: Any  # LlavaForConditionalGeneration
+    tokenizer: Any
+    image_processor: Any
+    num_image_tokens: int
+    from_llava_checkpoint: bool
+
+
+def read_config_dict(name_or_path: str, cache_dir: str | None = None) -> dict:
+    from transformers import PretrainedConfig
+
+    try:
+        cfg, _ = PretrainedConfig.get_config_dict(name_or_path, cache_dir=cache_dir)
+    except OSError as e:
+        raise ModelLoadError(f"{name_or_path}: cannot read its config.json: {e}") from None
+    return cfg
+
+
+def checkpoint_kind(cfg: dict) -> str:
+    """'llava-hf' (transformers-native), 'llava-original' (the original repo's format) or 'lm'."""
+    if cfg.get("model_type") == "llava" and "text_config" in cfg and "vision_config" in cfg:
+        return "llava-hf"
+    archs = cfg.get("architectures") or []
+    if "mm_vision_tower" in cfg or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in archs) or \
+            cfg.get("model_type") in ORIGINAL_MODEL_TYPES - {"llava"}:
+        return "llava-original"
+    return "lm"
+
+
+def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def num_image_tokens_for(vision_config, strategy: str) -> int:
+    """Image tokens per image: one per patch, plus CLS with the "full" strategy."""
+    n = (vision_config.image_size // vision_config.patch_size) ** 2
+    return n + 1 if strategy == "full" else n
+
+
+def _vision_config(vision_tower: str, cache_dir: str | None):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(vision_tower, cache_dir=cache_dir)
+    vcfg = getattr(cfg, "vision_config", cfg)
+    if not hasattr(vcfg, "patch_size") or not hasattr(vcfg, "image_size"):
+        raise ModelLoadError(f"--vision_tower {vision_tower}: {type(cfg).__name__} is not a ViT-style vision "
+                             "tower (CLIP / SigLIP); it has no patch_size/image_size")
+    return vcfg
+
+
+def load_image_processor(name_or_path: str, cache_dir: str | None = None):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, backend="pil", cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{name_or_path}: cannot load its image processor "
+                             f"(preprocessor_config.json): {e}") from None
+
+
+def prepare_tokenizer(tokenizer, mm_use_im_patch_token: bool = False, mm_use_im_start_end: bool = False) -> None:
+    """Add the image token (and the original's optional marker tokens), and a pad token when missing —
+    the unk token where there is one, as the original's ``--version`` rules do."""
+    from tokenizers import AddedToken
+
+    extra = [IMAGE_PLACEHOLDER]
+    if mm_use_im_patch_token:
+        extra.append("<im_patch>")
+    if mm_use_im_start_end:
+        extra += ["<im_start>", "<im_end>"]
+    missing = [t for t in extra if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.image_token = IMAGE_PLACEHOLDER
+
+
+@dataclass
+class Parts:
+    """Everything but the weights: enough to build and validate the data before loading anything big."""
+
+    model_name_or_path: str
+    vision_tower: str | None
+    kind: str
+    tokenizer: Any
+    image_processor: Any
+    num_image_tokens: int
+    vision_config: Any
+    strategy: str
+    select_layer: int
+
+
+def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,
+               select_feature: str = "patch", cache_dir: str | None = None, mm_use_im_patch_token: bool = False,
+               mm_use_im_start_end: bool = False, trust_remote_code: bool = False) -> Parts:
+    """Read configs, tokenizer and image processor; decide what kind of starting point this is."""
+    from transformers import AutoConfig
+
+    from llavakit.data.tokenize import load_tokenizer
+
+    cfg = read_config_dict(model_name_or_path, cache_dir)
+    kind = checkpoint_kind(cfg)
+    if kind == "llava-original":
+        raise ModelLoadError(
+            f"{model_name_or_path} is an original-format LLaVA checkpoint "
+            f"({(cfg.get('architectures') or ['?'])[0]}). Convert it first: llavakit convert from-original "
+            f"--model-path {model_name_or_path} --save-model-path {model_name_or_path.rstrip('/')}-hf")
+    if kind == "llava-hf":
+        if vision_tower:
+            logger.warning("--vision_tower %s ignored: %s already holds its vision tower", vision_tower,
+                           model_name_or_path)
+        lcfg = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        vcfg, strategy, layer = lcfg.vision_config, lcfg.vision_feature_select_strategy, lcfg.vision_feature_layer
+        processor_src = model_name_or_path
+    else:
+        if not vision_tower:
+            raise ModelLoadError(f"--vision_tower is required: {model_name_or_path} is a language model "
+                                 f"({cfg.get('model_type')}), not a LLaVA checkpoint")
+        vcfg = _vision_config(vision_tower, cache_dir)
+        strategy = "default" if select_feature == "patch" else "full"
+        layer = select_layer
+        processor_src = vision_tower
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+    prepare_tokenizer(tokenizer, mm_use_im_patch_token, mm_use_im_start_end)
+    image_processor = load_image_processor(processor_src, cache_dir)
+    return Parts(model_name_or_path, vision_tower if kind == "lm" else None, kind, tokenizer, image_processor,
+                 num_image_tokens_for(vcfg, strategy), vcfg, strategy, layer)
+
+
+def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+                attn_implementation: str | None = None, trust_remote_code: bool = False):
+    """Load the weights: the LLaVA checkpoint as it is, or the LM + vision tower into a Llava shell."""
+    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    kw = {"cache_dir": cache_dir, "dtype": dtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    tokenizer = parts.tokenizer
+    if parts.kind == "llava-hf":
+        model = LlavaForConditionalGeneration.from_pretrained(parts.model_name_or_path, **kw)
+    else:
+        logger.info("loading language model %s", parts.model_name_or_path)
+        llm = AutoModelForCausalLM.from_pretrained(parts.model_name_or_path, trust_remote_code=trust_remote_code,
+                                                   **kw)
+        logger.info("loading vision tower %s", parts.vision_tower)
+        vkw = dict(kw)
+        if attn_implementation == "flash_attention_2":
+            vkw["attn_implementation"] = "sdpa"
+        vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
+            parts.vision_tower, config=parts.vision_config, **vkw)
+        config = LlavaConfig(
+            text_config=llm.config, vision_config=vision.config,
+            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+            image_seq_length=parts.num_image_tokens, vision_feature_layer=parts.select_layer,
+            vision_feature_select_strategy=parts.strategy, projector_hidden_act="gelu",
+            multimodal_projector_bias=True,
+            tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        )
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+        model.model.language_model = llm.get_decoder()
+        model.lm_head = llm.get_output_embeddings()
+        model.model.vision_tower = vision
+        model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+        model.config.text_config = llm.config
+        model.config.vision_config = vision.config
+        if attn_implementation:
+            model.config._attn_implementation = attn_implementation
+        if getattr(llm, "generation_config", None) is not None:
+            model.generation_config = llm.generation_config
+        _check_no_meta(model)
+    _resize_embeddings(model, tokenizer)
+    _sync_special_ids(model, tokenizer)
+    return model
+
+
+def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,
+             select_feature: str = "patch", dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+             attn_implementation: str | None = None, mm_use_im_patch_token: bool = False,
+             mm_use_im_start_end: bool = False, trust_remote_code: bool = False) -> Assembled:
+    """:func:`load_parts` then :func:`build_model`."""
+    parts = load_parts(model_name_or_path, vision_tower, select_layer=select_layer, select_feature=select_feature,
+                       cache_dir=cache_dir, mm_use_im_patch_token=mm_use_im_patch_token,
+                       mm_use_im_start_end=mm_use_im_start_end, trust_remote_code=trust_remote_code)
+    model = build_model(parts, dtype=dtype, cache_dir=cache_dir, attn_implementation=attn_implementation,
+                        trust_remote_code=trust_remote_code)
+    return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens,
+                     parts.kind == "llava-hf")
+
+
+def _check_no_meta(model) -> None:
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if left:
+        raise ModelLoadError(f"internal: parameters left uninitialised after assembly: {left[:5]}")
+
+
+def _resize_embeddings(model, tokenizer) -> None:
+    n = len(tokenizer)
+    if model.get_input_embeddings().weight.shape[0] < n:
+        model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=True)
+        logger.info("resized token embeddings to %d for %d tokens",
+                    model.get_input_embeddings().weight.shape[0], n)
+
+
+def _sync_special_ids(model, tokenizer) -> None:
+    model.config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, "text_config"):
+        model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def parameter_counts(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

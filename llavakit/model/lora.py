@@ -1,0 +1,34 @@
+"""LoRA on the language model only, through peft.
+
+Targets the language model's attention and MLP projections (a regex, so CLIP's ``q_proj``/``k_proj``/
+``v_proj`` are left alone, and neither the projector nor ``lm_head`` gets an adapter); the projector
+trains fully as a peft ``modules_to_save`` module, so it is saved, reloaded and resumed with the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+BASE_FILE = "llavakit_base.json"
+
+
+def apply_lora(model, train_args, train_projector: bool = True):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=train_args.lora_r, lora_alpha=train_args.lora_alpha, lora_dropout=train_args.lora_dropout,
+                     bias=train_args.lora_bias, target_modules=LORA_TARGET,
+                     modules_to_save=["multi_modal_projector"] if train_projector else None)
+    return get_peft_model(model, cfg)
+
+
+def write_base_record(directory: str, model_args) -> str:
+    """What the adapter was trained on, so merging needs no guess from directory names."""
+    path = os.path.join(directory, BASE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"model_name_or_path": model_args.model_name_or_path, "vision_tower": model_args.vision_tower,
+                   "mm_vision_select_layer": model_args.mm_vision_select_layer,
+                   "mm_vision_select_feature": model_args.mm_vision_select_feature,
+                   "version": model_args.version}, f, indent=2)
+    return path

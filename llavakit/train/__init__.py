@@ -1,0 +1,1 @@
+"""Training: stage semantics, the Trainer subclass, the ``llavakit train`` entry point."""

@@ -1,0 +1,59 @@
+"""Training callbacks: the one-screen summary at the end of a run."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+
+class SummaryCallback(TrainerCallback):
+    """Collects what the end-of-run summary reports (steps, samples, tokens, time, loss, outputs)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+    def summary(self, result, wall_seconds: float) -> dict:
+        tr = self.trainer
+        state = tr.state
+        ds = tr.train_dataset
+        return {
+            "stage": tr.stage.name,
+            "steps": state.global_step,
+            "epochs": round(float(state.epoch or 0), 3),
+            "samples_seen": tr.samples_seen,
+            "tokens_seen": tr.tokens_seen,
+            "train_samples": len(ds),
+            "skipped_samples": len(ds.index.skipped),
+            "replaced_samples": ds.bad,
+            "first_loss": self.losses[0][1] if self.losses else None,
+            "final_loss": self.losses[-1][1] if self.losses else None,
+            "train_loss": round(float(result.training_loss), 6) if result is not None else None,
+            "wall_seconds": round(wall_seconds, 1),
+            "output_dir": os.path.abspath(tr.args.output_dir),
+            "trainable_parameters": tr.stage.trainable,
+            "total_parameters": tr.stage.total,
+        }
+
+    @staticmethod
+    def render(s: dict) -> str:
+        def fmt(v):
+            return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+        lines = [
+            "=" * 64,
+            f"llavakit train: {s['stage']} done",
+            f"  steps {s['steps']}  epochs {s['epochs']}  samples {s['samples_seen']}  tokens {s['tokens_seen']}",
+            f"  loss {fmt(s['first_loss'])} -> {fmt(s['final_loss'])}  (mean {fmt(s['train_loss'])})",
+            f"  time {s['wall_seconds']} s   trainable {s['trainable_parameters']:,} / {s['total_parameters']:,}",
+            f"  data: {s['train_samples']} samples, {s['skipped_samples']} skipped, "
+            f"{s['replaced_samples']} replaced (bad images)",
+            f"  output: {s['output_dir']}",
+            "=" * 64,
+        ]
+        return "\n".join(lines)

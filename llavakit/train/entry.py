@@ -1,0 +1,193 @@
+"""``llavakit train`` (= ``python -m llavakit.train``): the original scripts' flags, our pipeline.
+
+Runs under plain python, ``torchrun``, the ``deepspeed`` launcher and ``accelerate launch`` — the
+distributed setup is the HF Trainer's (accelerate). The order is: parse and validate every flag, check
+the output directory, read and validate the data, and only then load weights; a mistake costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger("llavakit.train")
+
+RESOLVED_CONFIG = "llavakit_config.yaml"
+SKIPPED_REPORT = "skipped_samples.jsonl"
+BAD_SAMPLES_REPORT = "bad_samples.jsonl"
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def _setup_logging(train_args) -> None:
+    import transformers
+
+    level = logging.INFO if train_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def _checkpoints_in(output_dir: str) -> list[str]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(d for d in os.listdir(output_dir)
+                  if d.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(os.path.join(output_dir, d)))
+
+
+def resolve_resume(train_args) -> str | None:
+    """``--resume_from_checkpoint PATH|latest``; an output dir with checkpoints needs one (or overwrite)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = train_args.output_dir
+    resume = train_args.resume_from_checkpoint
+    if resume in ("latest", "last", "True", "true"):
+        last = get_last_checkpoint(out) if os.path.isdir(out) else None
+        if last is None:
+            raise OutputDirError(f"--resume_from_checkpoint {resume}: no checkpoint in {out}")
+        return last
+    if resume:
+        if not os.path.isdir(resume):
+            raise OutputDirError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
+        return resume
+    existing = _checkpoints_in(out)
+    if existing and not train_args.overwrite_output_dir:
+        raise OutputDirError(
+            f"{out} already holds checkpoints ({', '.join(existing[-3:])}). Continue with "
+            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
+    return None
+
+
+def build_data(model_args, data_args, train_args, tokenizer, image_processor, num_image_tokens):
+    """Records → validated, length-indexed dataset, collator (no model needed)."""
+    from llavakit.data.collate import LlavaCollator
+    from llavakit.data.dataset import LlavaDataset, build_sample_index
+    from llavakit.data.images import ImageTransform
+    from llavakit.data.records import load_records
+    from llavakit.data.templates import get_template
+    from llavakit.data.tokenize import ConversationEncoder
+
+    template = get_template(model_args.version, tokenizer)
+    encoder = ConversationEncoder(tokenizer, template, num_image_tokens,
+                                  mm_use_im_start_end=model_args.mm_use_im_start_end)
+    store, valid, problems = load_records(data_args.data_path)
+    for p in problems:
+        logger.warning(p.message)
+    with train_args.main_process_first(desc="length index"):
+        index = build_sample_index(store, valid, encoder, train_args.model_max_length,
+                                   progress=train_args.process_index == 0)
+    if index.skipped:
+        logger.warning("%d sample(s) skipped (listed in %s); first: %s", len(index.skipped),
+                       os.path.join(train_args.output_dir, SKIPPED_REPORT), index.skipped[0]["message"])
+    if train_args.process_index == 0:
+        os.makedirs(train_args.output_dir, exist_ok=True)
+        with open(os.path.join(train_args.output_dir, SKIPPED_REPORT), "w", encoding="utf-8") as f:
+            for s in index.skipped:
+                f.write(json.dumps(s) + "\n")
+    if len(index.record_idx) == 0:
+        raise ValueError(f"{data_args.data_path}: no sample left to train on")
+    if index.has_image.any() and not data_args.image_folder:
+        logger.warning("no --image_folder: image paths are taken as they are (absolute or relative to the cwd)")
+    transform = ImageTransform.from_processor(image_processor, data_args.image_aspect_ratio)
+    dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
+                           report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT),
+                           max_bad_fraction=data_args.max_bad_fraction)
+    collator = LlavaCollator(tokenizer.pad_token_id, transform)
+    logger.info("data: %d records, %d train (%d with images), %d skipped, %d truncated", len(store),
+                len(dataset), int(index.has_image.sum()), len(index.skipped), index.num_truncated)
+    return dataset, collator, template
+
+
+def run(argv: list[str]) -> dict:
+    from llavakit.config import parse_train_args, save_resolved_config
+
+    model_args, data_args, train_args = parse_train_args(argv)
+    _setup_logging(train_args)
+    resume = resolve_resume(train_args)
+    t0 = time.time()
+
+    from llavakit.model.build import build_model, load_parts, torch_dtype_for
+    from llavakit.model.projector import load_projector
+    from llavakit.train.stages import configure_trainable
+
+    parts = load_parts(model_args.model_name_or_path, model_args.vision_tower,
+                       select_layer=model_args.mm_vision_select_layer,
+                       select_feature=model_args.mm_vision_select_feature, cache_dir=train_args.cache_dir,
+                       mm_use_im_patch_token=model_args.mm_use_im_patch_token,
+                       mm_use_im_start_end=model_args.mm_use_im_start_end,
+                       trust_remote_code=model_args.trust_remote_code)
+    tokenizer = parts.tokenizer
+    dataset, collator, template = build_data(model_args, data_args, train_args, tokenizer,
+                                             parts.image_processor, parts.num_image_tokens)
+    model = build_model(parts, dtype=torch_dtype_for(train_args.bf16, train_args.fp16),
+                        cache_dir=train_args.cache_dir, attn_implementation=train_args.attn_implementation,
+                        trust_remote_code=model_args.trust_remote_code)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model.model.multi_modal_projector, model_args.pretrain_mm_mlp_adapter)
+        logger.info("projector loaded from %s", model_args.pretrain_mm_mlp_adapter)
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+
+    lora = False
+    if train_args.lora_enable:
+        from llavakit.model.lora import apply_lora
+
+        model = apply_lora(model, train_args, train_projector=not train_args.freeze_mm_mlp_adapter)
+        lora = True
+    base = model.get_base_model() if lora else model
+    stage = configure_trainable(base, model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
+                                train_args.freeze_mm_mlp_adapter, lora=lora)
+    if train_args.activation_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+        train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
+
+    from llavakit.train.callbacks import SummaryCallback
+    from llavakit.train.trainer import LlavaTrainer
+
+    trainer = LlavaTrainer(model=model, args=train_args, train_dataset=dataset, data_collator=collator,
+                           processing_class=tokenizer, stage=stage)
+    summary_cb = SummaryCallback(trainer)
+    trainer.add_callback(summary_cb)
+    if train_args.process_index == 0:
+        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
+                             train_args)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+
+    from llavakit.train.export import save_final
+
+    save_final(trainer, parts, model_args, data_args, train_args, template)
+    summary = summary_cb.summary(result, time.time() - t0)
+    if train_args.process_index == 0:
+        with open(os.path.join(train_args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        print(summary_cb.render(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llavakit.config import ConfigError
+    from llavakit.data.records import InvalidRecordsError, RecordFileError
+    from llavakit.data.templates import TemplateError
+    from llavakit.model.build import ModelLoadError
+    from llavakit.model.projector import ProjectorFileError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(argv)
+    except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
+            ProjectorFileError) as e:
+        print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""``LlavaTrainer``: HF ``Trainer`` with LLaVA's sampler, optimizer groups and stage-aware saving.
+
+* the training dataloader uses llavakit's length-grouped batch sampler when ``--group_by_modality_length``
+  or ``--group_by_length`` is set (accelerate deals its batches to ranks round-robin);
+* the optimizer has the projector in its own parameter groups when ``--mm_projector_lr`` is given, and no
+  weight decay on biases and norms;
+* every text-only micro-batch still runs the vision path (see ``graph.py``);
+* stage-1 saves (checkpoints included) write only the projector; their checkpoints resume from it;
+* every save makes the generation config savable first (LLaVA #1144).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import seed_worker
+
+from llavakit.data.sampler import LengthGroupedBatchSampler
+from llavakit.model.generation_config import make_savable
+from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
+from llavakit.train.graph import VisionInGraph
+from llavakit.train.stages import PROJECTOR, Stage
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's tensors out of a full-model state dict, under the projector module's own names."""
+    out = {}
+    for k, v in state_dict.items():
+        if f"{PROJECTOR}." in k:
+            out[k.split(f"{PROJECTOR}.", 1)[1]] = v
+    return out
+
+
+class LlavaTrainer(Trainer):
+    def __init__(self, *args, stage: Stage, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        unwrapped = self.model
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        self.llava = base
+        self._graph = VisionInGraph(base)
+        self.tokens_seen = 0
+        self.samples_seen = 0
+        self.train_start = None
+
+    # ---- data -----------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        args = self.args
+        if not (args.group_by_modality_length or args.group_by_length):
+            return super().get_train_dataloader()
+        ds = self.train_dataset
+        sampler = LengthGroupedBatchSampler(
+            ds.modality_lengths, args.per_device_train_batch_size, args.world_size,
+            args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
+            has_image=ds.index.has_image, seed=args.seed)
+        params = {"batch_sampler": sampler, "collate_fn": self.data_collator,
+                  "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory and torch.cuda.is_available(),
+                  "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+                  "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                            rank=args.process_index)}
+        if args.dataloader_num_workers > 0 and args.dataloader_prefetch_factor is not None:
+            params["prefetch_factor"] = args.dataloader_prefetch_factor
+        return self.accelerator.prepare(DataLoader(ds, **params))
+
+    # ---- optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list] = {}
+        proj_lr = self.args.mm_projector_lr
+        for n, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = (PROJECTOR in n and proj_lr is not None, n in decay)
+            groups.setdefault(key, []).append(p)
+        param_groups = []
+        for (is_proj, has_decay), params in sorted(groups.items()):
+            g = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
+            if is_proj:
+                g["lr"] = proj_lr
+            param_groups.append(g)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- step -----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.train_start is None:
+            self.train_start = time.time()
+        if model.training and "attention_mask" in inputs:
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.samples_seen += int(inputs["attention_mask"].shape[0])
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        make_savable(getattr(self.llava, "generation_config", None))
+        if not self.stage.projector_only_saves:
+            return super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is None:
+            state = self.llava.model.multi_modal_projector.state_dict()
+        else:
+            state = projector_state(state_dict)
+        save_projector(state, output_dir)
+        self.llava.config.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        has_weights = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES)
+        projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_BIN)
+        if not has_weights and os.path.isfile(projector_file):
+            logger.info("resuming the projector from %s", projector_file)
+            load_projector(self.llava.model.multi_modal_projector, projector_file)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
