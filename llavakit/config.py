@@ -78,6 +78,13 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "start over in an output dir that already holds checkpoints"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
 
+    def __post_init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
 
 #: old spelling -> current flag
 LEGACY_FLAGS = {

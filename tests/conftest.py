@@ -84,3 +84,68 @@ def sample_records() -> list[dict]:
         {"id": "img3", "image": "gqa/c.jpg", "conversations": conv("<image>\nWhere is the star?",
                                                                    "The star is at the top of the image.")},
     ]
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama (with its tokenizer, like Vicuna) and a tiny CLIP vision tower, saved to disk."""
+    from transformers import AutoTokenizer
+
+    from llavakit.demo.backbones import tiny_clip, tiny_llama
+
+    root = tmp_path_factory.mktemp("backbones")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    llm = tiny_llama(tok, root / "llm")
+    clip = tiny_clip(root / "clip")
+    return {"llm": llm, "clip": clip}
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Caption records (stage 1) and mixed image / text-only instruction records (stage 2), real JPEGs."""
+    root = tmp_path_factory.mktemp("train_data")
+    images = root / "images"
+    captions, instruct = [], []
+    colours = ["red", "blue", "green", "yellow"]
+    for i in range(16):
+        make_image(images / "coco" / f"{i}.jpg", (40 + i, 30 + 2 * i), seed=i)
+        c = colours[i % 4]
+        captions.append({"id": f"cap{i}", "image": f"coco/{i}.jpg",
+                         "conversations": conv("<image>\nDescribe the image briefly.", f"A small {c} circle.")})
+        if i % 4 == 3:
+            instruct.append({"id": f"txt{i}", "conversations": conv("Tell me a story about a cat.",
+                                                                   "Once upon a time a cat lived in a house.")})
+        else:
+            instruct.append({"id": f"vqa{i}", "image": f"coco/{i}.jpg", "conversations": conv(
+                "What colour is the circle?\n<image>", f"The circle is {c}.", "Is there a square?", "No.")})
+    write_json(root / "captions.json", captions)
+    write_json(root / "instruct.json", instruct)
+    return {"root": root, "images": str(images), "captions": str(root / "captions.json"),
+            "instruct": str(root / "instruct.json")}
+
+
+def stage1_flags(backbones, data, out, **over) -> list[str]:
+    """The seed's scripts/v1_5/pretrain.sh flags, paths and sizes shrunk."""
+    flags = {
+        "model_name_or_path": backbones["llm"], "version": "plain", "data_path": data["captions"],
+        "image_folder": data["images"], "vision_tower": backbones["clip"], "mm_projector_type": "mlp2x_gelu",
+        "tune_mm_mlp_adapter": "True", "mm_vision_select_layer": "-2", "mm_use_im_start_end": "False",
+        "mm_use_im_patch_token": "False", "output_dir": str(out), "num_train_epochs": "1",
+        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "4",
+        "gradient_accumulation_steps": "1", "evaluation_strategy": "no", "save_strategy": "steps",
+        "save_steps": "24000", "save_total_limit": "1", "learning_rate": "1e-3", "weight_decay": "0.",
+        "warmup_ratio": "0.03", "lr_scheduler_type": "cosine", "logging_steps": "1", "tf32": "True",
+        "model_max_length": "2048", "gradient_checkpointing": "True", "dataloader_num_workers": "0",
+        "lazy_preprocess": "True", "report_to": "none", "seed": "0",
+    }
+    flags.update({k: None if v is None else str(v) for k, v in over.items()})
+    return [x for k, v in flags.items() if v is not None for x in (f"--{k}", v)]
+
+
+def stage2_flags(backbones, data, out, projector, **over) -> list[str]:
+    """The seed's scripts/v1_5/finetune.sh flags, paths and sizes shrunk."""
+    base = dict(version="v1", data_path=data["instruct"], pretrain_mm_mlp_adapter=str(projector),
+                tune_mm_mlp_adapter=None, image_aspect_ratio="pad", group_by_modality_length="True",
+                per_device_train_batch_size="2", learning_rate="2e-5", save_steps="50000")
+    base.update(over)
+    return stage1_flags(backbones, data, out, **base)

@@ -237,7 +237,11 @@ def _check_no_meta(model) -> None:
 def _resize_embeddings(model, tokenizer) -> None:
     n = len(tokenizer)
     if model.get_input_embeddings().weight.shape[0] < n:
-        model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=True)
+        # new rows are sampled around the old embeddings' mean; seeded, so every rank and every rebuild of
+        # the same model gets the same rows
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=True)
         logger.info("resized token embeddings to %d for %d tokens",
                     model.get_input_embeddings().weight.shape[0], n)
 

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger("llavakit.train")
 
@@ -104,7 +106,13 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     return dataset, collator, template
 
 
-def run(argv: list[str]) -> dict:
+@dataclass
+class RunResult:
+    summary: dict
+    trainer: Any
+
+
+def run(argv: list[str]) -> RunResult:
     from llavakit.config import parse_train_args, save_resolved_config
 
     model_args, data_args, train_args = parse_train_args(argv)
@@ -169,7 +177,7 @@ def run(argv: list[str]) -> dict:
         with open(os.path.join(train_args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         print(summary_cb.render(summary), flush=True)
-    return summary
+    return RunResult(summary, trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
