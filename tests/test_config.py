@@ -1,0 +1,83 @@
+"""`llavakit train` arguments: the original flags, YAML, legacy spellings, errors before any weight loads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from llavakit.config import ConfigError, parse_train_args
+from llavakit.train.entry import OutputDirError, resolve_resume
+
+from .conftest import stage1_flags, stage2_flags
+
+
+def test_seed_flags_parse_with_their_meaning(backbones, train_data, tmp_path):
+    m, d, t = parse_train_args(stage2_flags(backbones, train_data, tmp_path / "o", "", pretrain_mm_mlp_adapter=None,
+                                            lora_enable="True", lora_r=128, lora_alpha=256, mm_projector_lr=2e-5))
+    assert m.version == "v1" and m.mm_vision_select_layer == -2 and not m.tune_mm_mlp_adapter
+    assert d.image_aspect_ratio == "pad" and d.lazy_preprocess
+    assert t.group_by_modality_length and t.lora_enable and t.lora_r == 128 and t.lora_alpha == 256
+    assert t.mm_projector_lr == 2e-5 and t.model_max_length == 2048
+    assert t.eval_strategy == "no"  # from the old --evaluation_strategy
+    assert t.warmup_steps == 0.03  # from --warmup_ratio
+    assert t.activation_checkpointing  # from --gradient_checkpointing
+    assert t.tf32 is None  # --tf32 True dropped with a warning on a machine without CUDA
+
+
+def test_yaml_config_with_flag_overrides(backbones, train_data, tmp_path):
+    flags = stage1_flags(backbones, train_data, tmp_path / "o")
+    cfg = {flags[i][2:]: flags[i + 1] for i in range(0, len(flags), 2)}
+    cfg["learning_rate"] = 0.5
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    m, d, t = parse_train_args([str(path), "--learning_rate", "0.002"])
+    assert t.learning_rate == 0.002 and m.tune_mm_mlp_adapter and m.version == "plain"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--no_such_flag", "1"], "unknown argument(s): --no_such_flag 1"),
+    (["--lora_enable", "True"], "contradicts --lora_enable"),
+    (["--freeze_mm_mlp_adapter", "True"], "--freeze_mm_mlp_adapter freezes it"),
+    (["--mm_projector_type", "linear"], "mlp2x_gelu"),
+    (["--image_aspect_ratio", "anyres"], "use 'square' or 'pad'"),
+    (["--version", "vicuna_v9"], "unknown template"),
+    (["--bits", "4"], "needs a CUDA GPU"),
+    (["--pretrain_mm_mlp_adapter", "/nope/mm_projector.bin"], "no such file"),
+    (["--data_path", "/nope.json"], "no such file or directory"),
+])
+def test_bad_flags_are_clear_errors(backbones, train_data, tmp_path, extra, message):
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(stage1_flags(backbones, train_data, tmp_path / "o") + extra)
+    assert message in str(e.value)
+
+
+def test_cli_error_exit_code_and_no_weights_loaded(backbones, train_data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llavakit.train",
+                        *stage1_flags(backbones, train_data, tmp_path / "o"), "--lora_enable", "True"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "contradicts --lora_enable" in r.stderr and "Loading weights" not in r.stderr
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(backbones, train_data, tmp_path):
+    out = tmp_path / "o"
+    (out / "checkpoint-5").mkdir(parents=True)
+    _, _, t = parse_train_args(stage1_flags(backbones, train_data, out))
+    with pytest.raises(OutputDirError, match="--resume_from_checkpoint latest"):
+        resolve_resume(t)
+    _, _, t = parse_train_args(stage1_flags(backbones, train_data, out) + ["--overwrite_output_dir", "True"])
+    assert resolve_resume(t) is None
+
+
+def test_original_format_checkpoint_names_the_conversion(backbones, train_data, tmp_path):
+    orig = tmp_path / "llava-v1.5-7b"
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"architectures": ["LlavaLlamaForCausalLM"],
+                                                  "model_type": "llava_llama", "mm_vision_tower": "x"}))
+    r = subprocess.run([sys.executable, "-m", "llavakit", "train",
+                        *stage2_flags(backbones, train_data, tmp_path / "o", "", pretrain_mm_mlp_adapter=None,
+                                      model_name_or_path=str(orig))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "original-format LLaVA checkpoint" in r.stderr and "llavakit convert from-original" in r.stderr

@@ -1,0 +1,136 @@
+"""Model assembly, stage semantics, projector files, optimizer groups, the vision path in every graph."""
+
+import pytest
+import torch
+
+from llavakit.model.build import assemble
+from llavakit.model.projector import (
+    ProjectorFileError,
+    from_original,
+    load_projector,
+    read_projector_file,
+    save_projector,
+    to_original,
+)
+from llavakit.train.graph import VisionInGraph
+from llavakit.train.stages import configure_trainable
+
+
+@pytest.fixture()
+def asm(backbones):
+    return assemble(backbones["llm"], backbones["clip"])
+
+
+def test_assembled_model_copies_pretrained_weights(asm, backbones):
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    llm = AutoModelForCausalLM.from_pretrained(backbones["llm"])
+    vis = CLIPVisionModel.from_pretrained(backbones["clip"])
+    m = asm.model
+    assert torch.equal(m.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
+    tower = m.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in vis.state_dict().items())
+    n_old = llm.get_input_embeddings().weight.shape[0]
+    assert torch.equal(m.get_input_embeddings().weight[:n_old], llm.get_input_embeddings().weight)
+    assert m.get_input_embeddings().weight.shape[0] % 64 == 0
+    assert m.config.vision_feature_layer == -2 and m.config.vision_feature_select_strategy == "default"
+    assert asm.num_image_tokens == 4 and m.config.image_seq_length == 4
+    assert asm.tokenizer.pad_token == "<unk>"  # the original's rule: pad = unk
+
+
+def test_cls_patch_feature_keeps_cls(backbones):
+    a = assemble(backbones["llm"], backbones["clip"], select_feature="cls_patch")
+    assert a.num_image_tokens == 5 and a.model.config.vision_feature_select_strategy == "full"
+
+
+def test_stage_semantics(asm):
+    m = asm.model
+    s1 = configure_trainable(m, tune_mm_mlp_adapter=True)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n for n in trainable) and "projector" in s1.name
+    configure_trainable(m, tune_mm_mlp_adapter=False)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any("language_model" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
+    configure_trainable(m, tune_mm_mlp_adapter=False, freeze_backbone=True)
+    assert all("multi_modal_projector" in n for n, p in m.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="nothing to train"):
+        configure_trainable(m, tune_mm_mlp_adapter=False, freeze_backbone=True, freeze_mm_mlp_adapter=True)
+
+
+def test_text_only_batch_keeps_projector_in_graph(asm):
+    m = asm.model
+    configure_trainable(m, tune_mm_mlp_adapter=False)
+    m.train()
+    ids = torch.tensor([[1, 50, 60, 70, 2]])
+    hooks = VisionInGraph(m)
+    out = m(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for p in m.model.multi_modal_projector.parameters()]
+    assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0.0 for g in grads)
+    loss_with = float(out.loss.detach())
+    hooks.remove()
+    m.zero_grad()
+    out = m(input_ids=ids, labels=ids)
+    assert float(out.loss) == loss_with  # the dummy path changes nothing
+    out.loss.backward()
+    assert all(p.grad is None for p in m.model.multi_modal_projector.parameters())
+
+
+def test_projector_original_format_round_trip(asm, tmp_path):
+    proj = asm.model.model.multi_modal_projector
+    state = proj.state_dict()
+    orig = to_original(state)
+    assert sorted(orig) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                            "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    assert all(torch.equal(from_original(orig)[k], state[k]) for k in state)
+    path = save_projector(state, str(tmp_path))
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.zero_()
+    load_projector(proj, path)
+    assert all(torch.equal(proj.state_dict()[k], state[k]) for k in state)
+    # safetensors and a directory work too
+    from safetensors.torch import save_file
+
+    save_file(orig, str(tmp_path / "mm_projector.safetensors"))
+    assert set(read_projector_file(str(tmp_path))) == set(state)
+
+
+def test_projector_file_errors(asm, tmp_path):
+    proj = asm.model.model.multi_modal_projector
+    bad = tmp_path / "other.bin"
+    torch.save({"model.embed_tokens.weight": torch.zeros(3)}, bad)
+    with pytest.raises(ProjectorFileError, match="no projector weights"):
+        load_projector(proj, str(bad))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"model.mm_projector.0.weight": Evil()}, evil)
+    with pytest.raises(ProjectorFileError, match="tensor-only"):
+        load_projector(proj, str(evil))
+
+
+def test_optimizer_groups_projector_lr_and_no_decay_on_bias_and_norms(asm, tmp_path):
+    from llavakit.config import TrainingArguments
+    from llavakit.train.trainer import LlavaTrainer
+
+    m = asm.model
+    stage = configure_trainable(m, tune_mm_mlp_adapter=False)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.1,
+                             report_to="none")
+    trainer = LlavaTrainer(model=m, args=args, train_dataset=[], stage=stage)
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in m.named_parameters()}
+    for g in opt.param_groups:
+        ns = [names[id(p)] for p in g["params"]]
+        is_proj = all("multi_modal_projector" in n for n in ns)
+        assert is_proj or not any("multi_modal_projector" in n for n in ns)
+        assert g["lr"] == (2e-5 if is_proj else 2e-4)
+        if g["weight_decay"] > 0:
+            assert not any(n.endswith("bias") or "norm" in n for n in ns)
+        else:
+            assert all(n.endswith("bias") or "norm" in n for n in ns)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for p in m.parameters() if p.requires_grad)
