@@ -81,8 +81,13 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         import torch
 
-        if not torch.cuda.is_available():
+        has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
+                           else torch.cuda.is_available())
+        if not has_accelerator:
             self.dataloader_pin_memory = False
+            # without this, accelerate treats torchrun's processes on a CPU-only machine as independent
+            # single-process runs (no DDP wrapping, no gradient sync): each rank would train alone
+            self.use_cpu = True
         super().__post_init__()
 
 
