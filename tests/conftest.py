@@ -124,28 +124,52 @@ def train_data(tmp_path_factory):
             "instruct": str(root / "instruct.json")}
 
 
-def stage1_flags(backbones, data, out, **over) -> list[str]:
-    """The seed's scripts/v1_5/pretrain.sh flags, paths and sizes shrunk."""
-    flags = {
-        "model_name_or_path": backbones["llm"], "version": "plain", "data_path": data["captions"],
-        "image_folder": data["images"], "vision_tower": backbones["clip"], "mm_projector_type": "mlp2x_gelu",
-        "tune_mm_mlp_adapter": "True", "mm_vision_select_layer": "-2", "mm_use_im_start_end": "False",
-        "mm_use_im_patch_token": "False", "output_dir": str(out), "num_train_epochs": "1",
-        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "4",
-        "gradient_accumulation_steps": "1", "evaluation_strategy": "no", "save_strategy": "steps",
-        "save_steps": "24000", "save_total_limit": "1", "learning_rate": "1e-3", "weight_decay": "0.",
-        "warmup_ratio": "0.03", "lr_scheduler_type": "cosine", "logging_steps": "1", "tf32": "True",
-        "model_max_length": "2048", "gradient_checkpointing": "True", "dataloader_num_workers": "0",
-        "lazy_preprocess": "True", "report_to": "none", "seed": "0",
-    }
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script_flags(name: str) -> dict[str, str]:
+    """The flags of a shipped script (scripts/v1_5/NAME.sh), as {flag: value}."""
+    import shlex
+
+    text = (REPO / "scripts" / "v1_5" / f"{name}.sh").read_text().replace("\\\n", " ")
+    lines = [ln for ln in text.splitlines() if "llavakit.train" in ln]
+    args = shlex.split(lines[0])
+    args = args[args.index("llavakit.train") + 1:]
+    flags = {}
+    for i in range(0, len(args), 2):
+        assert args[i].startswith("--"), args[i]
+        flags[args[i][2:]] = args[i + 1]
+    return flags
+
+
+#: what the tests change in the shipped scripts: paths, sizes, reporting, and no DeepSpeed unless asked
+SHRINK = {"deepspeed": None, "per_device_train_batch_size": "4", "dataloader_num_workers": "0",
+          "report_to": "none", "bf16": None, "seed": "0"}
+
+
+def _flags(script: str, backbones, data, out, paths: dict, over: dict) -> list[str]:
+    flags = script_flags(script)
+    flags.update(SHRINK)
+    flags.update({"model_name_or_path": backbones["llm"], "vision_tower": backbones["clip"],
+                  "image_folder": data["images"], "output_dir": str(out), **paths})
     flags.update({k: None if v is None else str(v) for k, v in over.items()})
     return [x for k, v in flags.items() if v is not None for x in (f"--{k}", v)]
 
 
+def stage1_flags(backbones, data, out, **over) -> list[str]:
+    """The shipped scripts/v1_5/pretrain.sh flags, paths and sizes shrunk."""
+    return _flags("pretrain", backbones, data, out, {"data_path": data["captions"]}, over)
+
+
 def stage2_flags(backbones, data, out, projector, **over) -> list[str]:
-    """The seed's scripts/v1_5/finetune.sh flags, paths and sizes shrunk."""
-    base = dict(version="v1", data_path=data["instruct"], pretrain_mm_mlp_adapter=str(projector),
-                tune_mm_mlp_adapter=None, image_aspect_ratio="pad", group_by_modality_length="True",
-                per_device_train_batch_size="2", learning_rate="2e-5", save_steps="50000")
-    base.update(over)
-    return stage1_flags(backbones, data, out, **base)
+    """The shipped scripts/v1_5/finetune.sh flags, paths and sizes shrunk."""
+    over.setdefault("per_device_train_batch_size", "2")
+    return _flags("finetune", backbones, data, out, {"data_path": data["instruct"],
+                                                     "pretrain_mm_mlp_adapter": str(projector)}, over)
+
+
+def lora_flags(backbones, data, out, projector, **over) -> list[str]:
+    """The shipped scripts/v1_5/finetune_lora.sh flags, paths and sizes shrunk."""
+    over.setdefault("per_device_train_batch_size", "2")
+    return _flags("finetune_lora", backbones, data, out, {"data_path": data["instruct"],
+                                                          "pretrain_mm_mlp_adapter": str(projector)}, over)

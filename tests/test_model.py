@@ -12,7 +12,7 @@ from llavakit.model.projector import (
     save_projector,
     to_original,
 )
-from llavakit.train.graph import VisionInGraph
+from llavakit.train.graph import add_dummy_image
 from llavakit.train.stages import configure_trainable
 
 
@@ -57,23 +57,27 @@ def test_stage_semantics(asm):
         configure_trainable(m, tune_mm_mlp_adapter=False, freeze_backbone=True, freeze_mm_mlp_adapter=True)
 
 
-def test_text_only_batch_keeps_projector_in_graph(asm):
+def test_text_only_batch_keeps_projector_in_graph_with_the_same_loss(asm):
     m = asm.model
     configure_trainable(m, tune_mm_mlp_adapter=False)
     m.train()
-    ids = torch.tensor([[1, 50, 60, 70, 2]])
-    hooks = VisionInGraph(m)
-    out = m(input_ids=ids, labels=ids)
-    out.loss.backward()
+    cfg = m.config
+    batch = {"input_ids": torch.tensor([[1, 50, 60, 70, 2], [1, 80, 90, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[-100, 50, 60, 70, 2], [-100, 80, 90, -100, -100]])}
+    ref = m(**batch).loss
+    ref.backward()
+    assert all(p.grad is None for p in m.model.multi_modal_projector.parameters())
+    m.zero_grad()
+    padded = add_dummy_image(batch, cfg.image_token_index, cfg.image_seq_length, (3, 28, 28), 0, torch.float32)
+    assert padded["input_ids"].shape == (2, 5 + cfg.image_seq_length) and "pixel_values" in padded
+    out = m(**padded).loss
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.backward()
     grads = [p.grad for p in m.model.multi_modal_projector.parameters()]
     assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0.0 for g in grads)
-    loss_with = float(out.loss.detach())
-    hooks.remove()
-    m.zero_grad()
-    out = m(input_ids=ids, labels=ids)
-    assert float(out.loss) == loss_with  # the dummy path changes nothing
-    out.loss.backward()
-    assert all(p.grad is None for p in m.model.multi_modal_projector.parameters())
+    with_images = {**batch, "pixel_values": torch.zeros(1, 3, 28, 28)}
+    assert add_dummy_image(with_images, 1, 4, (3, 28, 28), 0, torch.float32) is with_images
 
 
 def test_projector_original_format_round_trip(asm, tmp_path):

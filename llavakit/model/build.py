@@ -14,6 +14,7 @@ refused with the conversion command to run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +197,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
             multimodal_projector_bias=True,
             tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
         )
-        with torch.device("meta"):
+        with _shell_init(), torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
         model.model.language_model = llm.get_decoder()
         model.lm_head = llm.get_output_embeddings()
@@ -226,6 +227,24 @@ def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer:
                         trust_remote_code=trust_remote_code)
     return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens,
                      parts.kind == "llava-hf")
+
+
+@contextlib.contextmanager
+def _shell_init():
+    """Build the Llava shell on the meta device with ZeRO-3 construction-time partitioning off: its
+    sub-models are replaced right away by the real (already partitioned) ones, and ZeRO-3's weight
+    initialisation cannot run on meta tensors."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    obj = ref() if ref is not None else None
+    if obj is not None:
+        hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if obj is not None:
+            hf_ds.set_hf_deepspeed_config(obj)
 
 
 def _check_no_meta(model) -> None:

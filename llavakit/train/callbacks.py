@@ -19,18 +19,23 @@ class SummaryCallback(TrainerCallback):
             self.losses.append((state.global_step, float(logs["loss"])))
 
     def summary(self, result, wall_seconds: float) -> dict:
+        import torch
+
         tr = self.trainer
         state = tr.state
         ds = tr.train_dataset
+        # counts are per process; sum them over ranks
+        counts = torch.tensor([tr.samples_seen, tr.tokens_seen, ds.bad], dtype=torch.long, device=tr.args.device)
+        samples, tokens, replaced = (int(x) for x in tr.accelerator.reduce(counts, reduction="sum").tolist())
         return {
             "stage": tr.stage.name,
             "steps": state.global_step,
             "epochs": round(float(state.epoch or 0), 3),
-            "samples_seen": tr.samples_seen,
-            "tokens_seen": tr.tokens_seen,
+            "samples_seen": samples,
+            "tokens_seen": tokens,
             "train_samples": len(ds),
             "skipped_samples": len(ds.index.skipped),
-            "replaced_samples": ds.bad,
+            "replaced_samples": replaced,
             "first_loss": self.losses[0][1] if self.losses else None,
             "final_loss": self.losses[-1][1] if self.losses else None,
             "train_loss": round(float(result.training_loss), 6) if result is not None else None,

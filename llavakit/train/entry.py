@@ -66,6 +66,19 @@ def resolve_resume(train_args) -> str | None:
     return None
 
 
+def _init_deepspeed_comm(train_args) -> None:
+    """ZeRO-3 partitions weights while ``from_pretrained`` loads them, which needs DeepSpeed's own comm
+    layer up (with the world size) first; accelerate starts it only later on CPU-only machines."""
+    if not train_args.deepspeed:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
 def build_data(model_args, data_args, train_args, tokenizer, image_processor, num_image_tokens):
     """Records → validated, length-indexed dataset, collator (no model needed)."""
     from llavakit.data.collate import LlavaCollator
@@ -133,6 +146,7 @@ def run(argv: list[str]) -> RunResult:
     tokenizer = parts.tokenizer
     dataset, collator, template = build_data(model_args, data_args, train_args, tokenizer,
                                              parts.image_processor, parts.num_image_tokens)
+    _init_deepspeed_comm(train_args)
     model = build_model(parts, dtype=torch_dtype_for(train_args.bf16, train_args.fp16),
                         cache_dir=train_args.cache_dir, attn_implementation=train_args.attn_implementation,
                         trust_remote_code=model_args.trust_remote_code)
@@ -177,7 +191,18 @@ def run(argv: list[str]) -> RunResult:
         with open(os.path.join(train_args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         print(summary_cb.render(summary), flush=True)
+    _finish_distributed()
     return RunResult(summary, trainer)
+
+
+def _finish_distributed() -> None:
+    """Let every rank reach the end, then close the process group (a rank that exits while a peer still
+    talks to it can abort at interpreter shutdown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,48 +1,41 @@
 """Keep the vision tower and projector in every training step's graph.
 
 A micro-batch without images skips the vision tower and projector. Under DDP that leaves trainable
-projector parameters without gradients ("unused parameters" errors); under ZeRO-3 the rank that skips
-them issues different all-gathers than its peers and the run hangs (LLaVA #699). The fix here runs one
-dummy image through the vision tower and projector *at the point in the forward where real images would
-go* (right after the token embedding), and adds it times zero to the embeddings: the same modules run
-in the same order on every rank, and the loss is unchanged.
+projector parameters without gradients ("unused parameters" errors, or a hang); under ZeRO-3 the rank
+that skips them issues different all-gathers than its peers and the run hangs (LLaVA #699).
+
+The fix makes a text-only micro-batch take the very same path as an image batch: one dummy image
+(zeros) is added, and its image-token block is appended to the first row *in the padding area* —
+attention mask 0, labels -100, after every real token. Causal attention means no real token can see it
+and the loss ignores it, so the loss is unchanged; but the vision tower and projector run, in the same
+order as on every other rank, and the projector receives its (zero) gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
+from llavakit import IGNORE_INDEX
 
-class VisionInGraph:
-    """Forward hooks that add a zero-weighted dummy image path to text-only training forwards."""
 
-    def __init__(self, model):
-        self.model = model
-        self._text_only = False
-        inner = model.model
-        vcfg = model.config.vision_config
-        self.image_shape = (1, getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size)
-        self.handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            inner.get_input_embeddings().register_forward_hook(self._after_embed),
-        ]
-
-    def _pre(self, module, args, kwargs):
-        self._text_only = kwargs.get("pixel_values") is None
-
-    def _after_embed(self, module, args, output):
-        if not (self._text_only and self.model.training and torch.is_grad_enabled()):
-            return output
-        self._text_only = False
-        inner = self.model.model
-        dtype = next(inner.vision_tower.parameters()).dtype
-        dummy = torch.zeros(self.image_shape, dtype=dtype, device=output.device)
-        feats = inner.get_image_features(pixel_values=dummy)
-        feats = getattr(feats, "pooler_output", feats)
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat([f.reshape(-1) for f in feats])
-        return output + 0.0 * feats.sum().to(output.dtype)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, image_shape: tuple[int, ...],
+                    pad_token_id: int, dtype: torch.dtype) -> dict:
+    """Return ``inputs`` with a loss-neutral dummy image when it has none (see the module docstring)."""
+    if inputs.get("pixel_values") is not None:
+        return inputs
+    ids = inputs["input_ids"]
+    n, width = ids.shape
+    out = dict(inputs)
+    extra_ids = torch.full((n, num_image_tokens), pad_token_id, dtype=ids.dtype, device=ids.device)
+    extra_ids[0] = image_token_id
+    out["input_ids"] = torch.cat([ids, extra_ids], dim=1)
+    if "attention_mask" in inputs:
+        mask = inputs["attention_mask"]
+        out["attention_mask"] = torch.cat([mask, torch.zeros((n, num_image_tokens), dtype=mask.dtype,
+                                                             device=mask.device)], dim=1)
+    if "labels" in inputs:
+        labels = inputs["labels"]
+        out["labels"] = torch.cat([labels, torch.full((n, num_image_tokens), IGNORE_INDEX, dtype=labels.dtype,
+                                                      device=labels.device)], dim=1)
+    out["pixel_values"] = torch.zeros((1, *image_shape), dtype=dtype, device=ids.device)
+    return out

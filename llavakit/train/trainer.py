@@ -4,7 +4,7 @@
   or ``--group_by_length`` is set (accelerate deals its batches to ranks round-robin);
 * the optimizer has the projector in its own parameter groups when ``--mm_projector_lr`` is given, and no
   weight decay on biases and norms;
-* every text-only micro-batch still runs the vision path (see ``graph.py``);
+* every text-only micro-batch still runs the vision path, loss-neutrally (see ``graph.py``);
 * stage-1 saves (checkpoints included) write only the projector; their checkpoints resume from it;
 * every save makes the generation config savable first (LLaVA #1144).
 """
@@ -24,7 +24,7 @@ from transformers.trainer_utils import seed_worker
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
-from llavakit.train.graph import VisionInGraph
+from llavakit.train.graph import add_dummy_image
 from llavakit.train.stages import PROJECTOR, Stage
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ class LlavaTrainer(Trainer):
         unwrapped = self.model
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.llava = base
-        self._graph = VisionInGraph(base)
+        cfg = base.config
+        vcfg = cfg.vision_config
+        self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": cfg.image_seq_length,
+                       "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
+                       "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
         self.tokens_seen = 0
         self.samples_seen = 0
         self.train_start = None
@@ -103,6 +107,9 @@ class LlavaTrainer(Trainer):
         if model.training and "attention_mask" in inputs:
             self.tokens_seen += int(inputs["attention_mask"].sum())
             self.samples_seen += int(inputs["attention_mask"].shape[0])
+        if model.training:
+            dtype = next(self.llava.model.vision_tower.parameters()).dtype
+            inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
