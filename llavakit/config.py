@@ -77,6 +77,8 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over in an output dir that already holds checkpoints"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "TensorBoard log directory (older transformers' flag; default: under output_dir)"})
 
     def __post_init__(self):
         import torch
@@ -88,6 +90,8 @@ class TrainingArguments(transformers.TrainingArguments):
             # without this, accelerate treats torchrun's processes on a CPU-only machine as independent
             # single-process runs (no DDP wrapping, no gradient sync): each rank would train alone
             self.use_cpu = True
+        if self.logging_dir:  # transformers 5 reads the TensorBoard directory from the environment
+            os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
         super().__post_init__()
 
 

@@ -171,3 +171,40 @@ def test_bad_image_mid_run_is_replaced_and_reported(backbones, train_data, tmp_p
     assert [json.loads(x)["id"] for x in lines] == ["cap5"]
     assert res.summary["replaced_samples"] == 1
     make_image(images / "coco" / "5.jpg", (20, 20))
+
+
+def test_continue_from_a_llava_checkpoint_needs_no_vision_tower(stage2, backbones, train_data, tmp_path):
+    """The original's finetune_task.sh: --model_name_or_path is a (transformers-native) LLaVA checkpoint."""
+    res = run(stage2_flags(backbones, train_data, tmp_path / "task", "", pretrain_mm_mlp_adapter=None,
+                           model_name_or_path=str(stage2["out"]), vision_tower=None, max_steps=2))
+    assert res.summary["steps"] == 2
+    from transformers import LlavaForConditionalGeneration
+
+    start = LlavaForConditionalGeneration.from_pretrained(stage2["out"]).state_dict()
+    end = LlavaForConditionalGeneration.from_pretrained(tmp_path / "task").state_dict()
+    proj = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(start[proj], end[proj])
+    vision = [k for k in start if "vision_tower" in k]
+    assert all(torch.equal(start[k], end[k]) for k in vision)
+
+
+def test_lora_with_the_seed_flags_trains_adapters_and_projector_only(backbones, train_data, stage1, tmp_path):
+    from .conftest import lora_flags
+
+    out = tmp_path / "lora"
+    res = run(lora_flags(backbones, train_data, out, stage1["out"] / PROJECTOR_BIN, max_steps=3))
+    model = res.trainer.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "multi_modal_projector.modules_to_save" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 128 and cfg["lora_alpha"] == 256
+    assert (out / "adapter_model.safetensors").is_file() and (out / "llavakit_base.json").is_file()
+    assert not (out / "config.json").exists()  # an adapter directory is not mistaken for a full model
+    base = json.loads((out / "llavakit_base.json").read_text())
+    assert base["model_name_or_path"] == backbones["llm"] and base["vision_tower"] == backbones["clip"]
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("multi_modal_projector" in k for k in saved) and any("lora_A" in k for k in saved)
+    assert not any("vision_tower" in k for k in saved)
