@@ -53,16 +53,35 @@ def test_ddp_modality_grouped(backbones, train_data, tmp_path):
     assert "stage 2 (full) done" in r.stdout
 
 
-def test_deepspeed_zero2_stage1(backbones, train_data, tmp_path):
-    """Stage 1 under DeepSpeed ZeRO-2 with the shipped config (the first run on a machine compiles ops)."""
+def test_deepspeed_launcher_zero2_stage1(backbones, train_data, tmp_path):
+    """Stage 1 under the `deepspeed` launcher with the shipped ZeRO-2 config, as scripts/v1_5/pretrain.sh
+    runs it (the first run on a machine compiles DeepSpeed's ops)."""
     from .conftest import REPO, stage1_flags
 
     out = tmp_path / "z2"
-    r = torchrun(stage1_flags(backbones, train_data, out, deepspeed=REPO / "scripts" / "zero2.json",
-                              per_device_train_batch_size=2, save_steps=2), timeout=400)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    r = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                        "llavakit.train",
+                        *stage1_flags(backbones, train_data, out, deepspeed=REPO / "scripts" / "zero2.json",
+                                      per_device_train_batch_size=2, save_steps=2)],
+                       capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (out / "mm_projector.bin").is_file()
-    assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["samples_seen"] == 16
+
+
+def test_accelerate_launch(backbones, train_data, tmp_path):
+    from .conftest import stage1_flags
+
+    out = tmp_path / "acc"
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    r = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "1", "-m", "llavakit.train",
+                        *stage1_flags(backbones, train_data, out, max_steps=2)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
 
 
 def test_deepspeed_zero3_stage2_mixed_batches(backbones, train_data, tmp_path):
