@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from llavakit.data.images import ImageTransform, open_image
+    from llavakit.data.images import ImageTransform, expand2square, open_image
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -43,18 +43,15 @@ def main() -> None:
     for mode in ("square", "pad"):
         ours = ImageTransform.from_processor(proc, aspect_ratio=mode)
         im = open_image(path)
-        ref_in = ours_in = im
-        if mode == "pad":
-            from llavakit.data.images import expand2square
-
-            ref_in = expand2square(im, ours.background)
-        assert np.array_equal(ours(ours_in), proc(images=ref_in, return_tensors="np")["pixel_values"][0])
+        ref_in = expand2square(im, ours.background) if mode == "pad" else im
+        assert np.array_equal(ours(im), proc(images=ref_in, return_tensors="np")["pixel_values"][0])
         timings = {}
         for name, fn in [
-            ("transformers_ms", lambda: proc(images=expand2square(im, ours.background) if mode == "pad" else im,
-                                             return_tensors="np")["pixel_values"]),
-            ("llavakit_ms", lambda: ours(im)),
-            ("llavakit_uint8_only_ms", lambda: ours.to_uint8(im)),
+            ("transformers_ms", lambda im=im, ours=ours: proc(
+                images=expand2square(im, ours.background) if ours.aspect_ratio == "pad" else im,
+                return_tensors="np")["pixel_values"]),
+            ("llavakit_ms", lambda im=im, ours=ours: ours(im)),
+            ("llavakit_uint8_only_ms", lambda im=im, ours=ours: ours.to_uint8(im)),
         ]:
             for _ in range(5):
                 fn()
