@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (stage 1, stage 2, LoRA) with the original LLaVA scripts' flags",
                    add_help=False)
+    sub.add_parser("demo", help="train a tiny LLaVA end to end on a CPU and report what it learned",
+                   add_help=False)
 
     data = sub.add_parser("data", help="inspect and prepare training data").add_subparsers(dest="data_cmd",
                                                                                          required=True)
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from llavakit.train.entry import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from llavakit.demo.run import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     from llavakit.data.records import RecordFileError
     from llavakit.data.templates import TemplateError

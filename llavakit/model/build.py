@@ -187,8 +187,9 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         vkw = dict(kw)
         if attn_implementation == "flash_attention_2":
             vkw["attn_implementation"] = "sdpa"
-        vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
-            parts.vision_tower, config=parts.vision_config, **vkw)
+        with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
+            vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
+                parts.vision_tower, config=parts.vision_config, **vkw)
         config = LlavaConfig(
             text_config=llm.config, vision_config=vision.config,
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
@@ -227,6 +228,18 @@ def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer:
                         trust_remote_code=trust_remote_code)
     return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens,
                      parts.kind == "llava-hf")
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

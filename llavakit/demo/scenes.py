@@ -1,0 +1,167 @@
+"""Synthetic visual data for the demo: scenes of coloured shapes, written as real image files and LLaVA
+records.
+
+A scene holds one to three objects, each with its own colour, its own shape, a size and a place (one of
+four quadrants). Stage-1 records caption the scene; stage-2 records ask several questions about it (colour,
+shape, count, position, yes/no), and a few text-only records keep the text-only path exercised. Every
+question has one unambiguous one-word answer, so held-out accuracy is exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("top left", "top right", "bottom left", "bottom right")
+COUNTS = {1: "one", 2: "two", 3: "three"}
+SIZES = ("small", "large")
+
+#: question type → the answers it can have (for chance accuracy)
+ANSWER_SETS = {
+    "colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "count": list(COUNTS.values()),
+    "position": list(PLACES),
+    "yes/no": ["yes", "no"],
+}
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    size: str
+    place: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: tuple[int, int, int]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    n = rng.choice((1, 2, 3))
+    colours = rng.sample(list(COLOURS), n)
+    shapes = rng.sample(list(SHAPES), n)
+    places = rng.sample(list(PLACES), n)
+    objs = tuple(Obj(c, s, rng.choice(SIZES), p) for c, s, p in zip(colours, shapes, places))
+    grey = rng.randint(200, 250)
+    return Scene(objs, (grey, grey, grey))
+
+
+def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
+    im = Image.new("RGB", (size, size), scene.background)
+    draw = ImageDraw.Draw(im)
+    half = size // 2
+    for o in scene.objects:
+        row = 0 if o.place.startswith("top") else 1
+        col = 0 if o.place.endswith("left") else 1
+        extent = int(half * (0.8 if o.size == "large" else 0.5))
+        cx = col * half + half // 2 + rng.randint(-1, 1)
+        cy = row * half + half // 2 + rng.randint(-1, 1)
+        box = (cx - extent // 2, cy - extent // 2, cx + extent // 2, cy + extent // 2)
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+    return im
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"a {o.size} {o.colour} {o.shape} at the {o.place}" for o in scene.objects]
+    if len(parts) == 1:
+        return parts[0].capitalize() + "."
+    return (", ".join(parts[:-1]) + " and " + parts[-1]).capitalize() + "."
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(type, question, answer) triples about a scene, one of each type."""
+    o = rng.choice(scene.objects)
+    present_colours = {x.colour for x in scene.objects}
+    present_shapes = {x.shape for x in scene.objects}
+    qs = [
+        ("colour", f"What colour is the {o.shape}?", o.colour),
+        ("shape", f"What shape is the {o.colour} object?", o.shape),
+        ("count", "How many shapes are there?", COUNTS[len(scene.objects)]),
+        ("position", f"Where is the {o.colour} {o.shape}?", o.place),
+    ]
+    if rng.random() < 0.5:
+        qs.append(("yes/no", f"Is there a {o.colour} {o.shape}?", "yes"))
+    else:
+        colour = rng.choice([c for c in COLOURS if c not in present_colours] or list(COLOURS))
+        shape = rng.choice(sorted(present_shapes))
+        answer = "yes" if any(x.colour == colour and x.shape == shape for x in scene.objects) else "no"
+        qs.append(("yes/no", f"Is there a {colour} {shape}?", answer))
+    return qs
+
+
+STORIES = [
+    ("What are the primary colours?", "red, yellow and blue."),
+    ("How many sides does a square have?", "four."),
+    ("How many sides does a triangle have?", "three."),
+    ("Is a circle round?", "yes."),
+    ("Name a shape with no corners.", "a circle."),
+]
+
+
+def _conv(*turns: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
+
+
+def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
+    """Write images and the stage-1 / stage-2 / held-out record files under ``root``."""
+    root = Path(root)
+    rng = random.Random(seed)
+    (root / "images" / "train").mkdir(parents=True, exist_ok=True)
+    (root / "images" / "test").mkdir(parents=True, exist_ok=True)
+    captions, instruct, heldout, scenes = [], [], [], {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            scene = random_scene(rng)
+            ext = "png" if i % 3 == 0 else "jpg"
+            rel = f"{split}/{i:05d}.{ext}"
+            im = render(scene, image_size, rng)
+            if ext == "jpg":
+                im.save(root / "images" / rel, quality=95)
+            else:
+                im.save(root / "images" / rel)
+            scenes[rel] = scene
+            qs = questions(scene, rng)
+            if split == "train":
+                captions.append({"id": f"cap-{i}", "image": rel,
+                                 "conversations": _conv("<image>\nDescribe the image briefly.", caption(scene))})
+                rng.shuffle(qs)
+                turns = [f"<image>\n{qs[0][1]}" if rng.random() < 0.5 else f"{qs[0][1]}\n<image>", qs[0][2]]
+                for _, q, a in qs[1:]:
+                    turns += [q, a]
+                instruct.append({"id": f"vqa-{i}", "image": rel, "conversations": _conv(*turns)})
+                if i % 10 == 0:
+                    q, a = STORIES[(i // 10) % len(STORIES)]
+                    instruct.append({"id": f"txt-{i}", "conversations": _conv(q, a)})
+            else:
+                for k, (qtype, q, a) in enumerate(qs):
+                    heldout.append({"question_id": f"{i}-{k}", "image": rel, "type": qtype, "text": q,
+                                    "answer": a})
+    files = {"captions": root / "captions.json", "instruct": root / "instruct.json",
+             "heldout": root / "heldout.jsonl", "images": root / "images"}
+    files["captions"].write_text(json.dumps(captions, indent=1))
+    files["instruct"].write_text(json.dumps(instruct, indent=1))
+    files["heldout"].write_text("".join(json.dumps(q) + "\n" for q in heldout))
+    corpus = [caption(s) for s in scenes.values()] + [t["value"] for r in instruct for t in r["conversations"]]
+    return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus, "captions": captions,
+            "scenes": scenes}
+
+
+def chance_accuracy(heldout: list[dict]) -> float:
+    """Expected exact-match accuracy of guessing uniformly among each question type's answers."""
+    return sum(1.0 / len(ANSWER_SETS[q["type"]]) for q in heldout) / max(len(heldout), 1)
