@@ -1,9 +1,9 @@
 """Honest small "pretrained" backbones for the demo, made on the spot with no hub.
 
 * a Llama-style language model pretrained (next-token prediction) on the demo's text;
-* a CLIP model (vision + text towers) trained contrastively on the demo's image–caption pairs, saved as a
-  full CLIP checkpoint — so ``--vision_tower`` loads its vision half exactly as it loads
-  ``openai/clip-vit-large-patch14-336``.
+* a CLIP vision tower trained on the demo images to tell what is in each part of the image (supervised,
+  from the scenes' ground truth), saved like ``openai/clip-vit-*`` so that ``--vision_tower`` loads it
+  through the same ``from_pretrained`` path.
 
 Both are saved with ``save_pretrained``. Plain PyTorch loops: these are the stand-ins for Vicuna and
 CLIP, not part of llavakit's training recipe.
@@ -69,44 +69,56 @@ def pretrain_language_model(tokenizer, texts: list[str], out: str | Path, *, hid
     return losses
 
 
-def pretrain_clip(tokenizer, images: list[np.ndarray], captions: list[str], out: str | Path, *, image_size: int,
-                  patch_size: int, hidden: int, layers: int, steps: int, batch: int = 64, lr: float = 2e-3,
-                  seed: int = 0, progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """Contrastive image–caption training of a small CLIP; ``images`` are normalised (3, H, W) arrays."""
-    from transformers import CLIPConfig, CLIPModel
+def pretrain_vision(images: list[np.ndarray], quadrant_labels: np.ndarray, out: str | Path, *, image_size: int,
+                    patch_size: int, hidden: int, layers: int, steps: int, num_classes: tuple[int, ...],
+                    batch: int = 64, lr: float = 2e-3, seed: int = 0,
+                    progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Supervised pretraining of a small CLIP vision tower on the demo images.
+
+    For each image quadrant, linear heads read the mean of the quadrant's patch features at the layer LLaVA
+    uses (the second to last) and predict what is there (one label per attribute in ``quadrant_labels``,
+    shape ``(N, 4, A)``, with ``num_classes[a]`` classes for attribute ``a``). The heads are thrown away; the
+    tower is saved with its image-processor config, like ``openai/clip-vit-*``.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     torch.manual_seed(seed)
-    text_cfg = {"vocab_size": len(tokenizer), "hidden_size": hidden, "num_hidden_layers": 2,
-                "num_attention_heads": max(1, hidden // 32), "intermediate_size": hidden * 2,
-                "max_position_embeddings": 64, "eos_token_id": tokenizer.eos_token_id,
-                "bos_token_id": tokenizer.bos_token_id, "pad_token_id": 0}
-    vision_cfg = {"image_size": image_size, "patch_size": patch_size, "hidden_size": hidden,
-                  "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 32),
-                  "intermediate_size": hidden * 2}
-    model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=hidden))
-    tok = [tokenizer(c)["input_ids"][:63] + [tokenizer.eos_token_id] for c in captions]
-    width = max(len(t) for t in tok)
-    ids = torch.zeros((len(tok), width), dtype=torch.long)
-    mask = torch.zeros((len(tok), width), dtype=torch.long)
-    for i, t in enumerate(tok):
-        ids[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(t)] = 1
+    cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                           num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
+                           intermediate_size=hidden * 2, projection_dim=hidden)
+    model = CLIPVisionModel(cfg)
+    heads = torch.nn.ModuleList(torch.nn.Linear(hidden, k) for k in num_classes)
+    grid = image_size // patch_size
+    half = grid // 2
+    quadrants = []  # patch indices of each quadrant, in PLACES order (top left, top right, bottom left, ...)
+    for row in (0, 1):
+        for col in (0, 1):
+            quadrants.append([r * grid + c for r in range(row * half, (row + 1) * half)
+                              for c in range(col * half, (col + 1) * half)])
     pixels = torch.from_numpy(np.stack(images))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    labels = torch.from_numpy(quadrant_labels).long()
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     rng = random.Random(seed)
     losses = []
     model.train()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
-        idx = rng.sample(range(len(tok)), min(batch, len(tok)))
-        out_ = model(input_ids=ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        idx = rng.sample(range(len(pixels)), min(batch, len(pixels)))
+        feats = model(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # CLS dropped
+        loss = 0.0
+        for q, patches in enumerate(quadrants):
+            pooled = feats[:, patches].mean(1)
+            for a, head in enumerate(heads):
+                loss = loss + torch.nn.functional.cross_entropy(head(pooled), labels[idx, q, a])
+        loss = loss / (len(quadrants) * len(heads))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
-        losses.append(float(out_.loss.detach()))
+        losses.append(float(loss.detach()))
         if progress:
             progress(step, steps, losses[-1])
     model.save_pretrained(str(out))

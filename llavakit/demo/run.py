@@ -2,7 +2,7 @@
 
 1. synthetic scenes → real image files and LLaVA records (captions, multi-turn QA, text-only, held-out);
 2. backbones made on the spot: a tokenizer trained on the demo text, a small Llama pretrained on text, a
-   small CLIP trained contrastively on image–caption pairs — all saved with ``save_pretrained``;
+   small CLIP vision tower pretrained on the demo images — all saved with ``save_pretrained``;
 3. stage 1 and stage 2 through ``llavakit train`` with the original's flags (same code path as a real run);
 4. held-out exact-match accuracy per question type for the stage-1-only model and the final model, against
    chance; one chat exchange about a held-out image;
@@ -39,18 +39,18 @@ class DemoConfig:
     lm_hidden: int = 128
     lm_layers: int = 4
     lm_steps: int = 500
-    clip_hidden: int = 64
-    clip_layers: int = 4
-    clip_steps: int = 500
-    stage1_epochs: int = 1
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_steps: int = 400
+    stage1_epochs: int = 4
     stage1_batch: int = 32
-    stage1_lr: float = 1e-3
-    stage2_epochs: int = 3
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 4
     stage2_batch: int = 16
-    stage2_lr: float = 5e-4
+    stage2_lr: float = 1e-3
 
 
-QUICK = DemoConfig(n_train=600, n_test=40, lm_steps=150, clip_steps=150, stage2_epochs=2)
+QUICK = DemoConfig(n_train=600, n_test=40, lm_steps=150, vision_steps=150, stage2_epochs=2)
 
 
 class Progress:
@@ -114,8 +114,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(output: str | Path, quick: bool = False, seed: int = 0) -> dict:
-    cfg = QUICK if quick else DemoConfig()
+def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
+    cfg = cfg or (QUICK if quick else DemoConfig())
     out = Path(output)
     if out.exists():
         shutil.rmtree(out)
@@ -133,10 +133,11 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0) -> dict:
           f"{len(json.loads(Path(files['instruct']).read_text()))} instruction records, "
           f"{len(heldout)} held-out questions", flush=True)
 
-    p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP (contrastive)")
+    p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)")
     from llavakit.data.images import ImageTransform, open_image
     from llavakit.demo.backbones import train_tokenizer
-    from llavakit.demo.pretrain import pretrain_clip, pretrain_language_model
+    from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
+    from llavakit.demo.scenes import QUADRANT_ATTRIBUTES, quadrant_labels
 
     tok = train_tokenizer(data["corpus"] * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
@@ -144,11 +145,13 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0) -> dict:
                                         steps=cfg.lm_steps, seed=seed, progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])
-    pixels = [transform(open_image(image_root / c["image"])) for c in data["captions"]]
-    caps = [c["conversations"][1]["value"] for c in data["captions"]]
-    clip_losses = pretrain_clip(tok, pixels, caps, clip_dir, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                hidden=cfg.clip_hidden, layers=cfg.clip_layers, steps=cfg.clip_steps, seed=seed,
-                                progress=p.loop("CLIP"))
+    train_images = [c["image"] for c in data["captions"]]
+    pixels = [transform(open_image(image_root / rel)) for rel in train_images]
+    labels = np.array([quadrant_labels(data["scenes"][rel]) for rel in train_images])
+    vision_losses = pretrain_vision(pixels, labels, clip_dir, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                    hidden=cfg.vision_hidden, layers=cfg.vision_layers, steps=cfg.vision_steps,
+                                    num_classes=tuple(len(a) for a in QUADRANT_ATTRIBUTES), seed=seed,
+                                    progress=p.loop("vision tower"))
 
     from llavakit.train.entry import run as train
 
@@ -191,7 +194,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0) -> dict:
 
     p.step("5/5 report")
     plot_losses({"language model pretraining": list(enumerate(lm_losses)),
-                 "CLIP pretraining": list(enumerate(clip_losses)),
+                 "vision tower pretraining": list(enumerate(vision_losses)),
                  "stage 1 (projector)": _loss_history(s1), "stage 2 (instruction)": _loss_history(s2)},
                 out / "loss_curves.png")
     wall = time.time() - p.t0

@@ -144,6 +144,8 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
                 turns = [f"<image>\n{qs[0][1]}" if rng.random() < 0.5 else f"{qs[0][1]}\n<image>", qs[0][2]]
                 for _, q, a in qs[1:]:
                     turns += [q, a]
+                if i % 5 == 0:  # some conversations also ask for a description, as LLaVA's data does
+                    turns += ["Describe the image briefly.", caption(scene)]
                 instruct.append({"id": f"vqa-{i}", "image": rel, "conversations": _conv(*turns)})
                 if i % 10 == 0:
                     q, a = STORIES[(i // 10) % len(STORIES)]
@@ -160,6 +162,20 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
     corpus = [caption(s) for s in scenes.values()] + [t["value"] for r in instruct for t in r["conversations"]]
     return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus, "captions": captions,
             "scenes": scenes}
+
+
+#: attributes the vision tower is pretrained to read in each quadrant (index 0 = empty quadrant)
+QUADRANT_ATTRIBUTES = (("", *COLOURS), ("", *SHAPES), ("", *SIZES))
+
+
+def quadrant_labels(scene: Scene) -> list[list[int]]:
+    """For each quadrant (in ``PLACES`` order): [colour, shape, size] class indices, 0 when empty."""
+    out = []
+    for place in PLACES:
+        o = next((x for x in scene.objects if x.place == place), None)
+        values = (o.colour, o.shape, o.size) if o else ("", "", "")
+        out.append([attrs.index(v) for attrs, v in zip(QUADRANT_ATTRIBUTES, values)])
+    return out
 
 
 def chance_accuracy(heldout: list[dict]) -> float:

@@ -66,10 +66,15 @@ def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
+def has_cls_token(vision_config) -> bool:
+    """CLIP-style towers put a CLS token before the patches; SigLIP-style towers do not."""
+    return "siglip" not in getattr(vision_config, "model_type", "")
+
+
 def num_image_tokens_for(vision_config, strategy: str) -> int:
-    """Image tokens per image: one per patch, plus CLS with the "full" strategy."""
+    """Image tokens per image: one per patch, plus CLS when the tower has one and the strategy keeps it."""
     n = (vision_config.image_size // vision_config.patch_size) ** 2
-    return n + 1 if strategy == "full" else n
+    return n + 1 if strategy == "full" and has_cls_token(vision_config) else n
 
 
 def _vision_config(vision_tower: str, cache_dir: str | None):
@@ -157,6 +162,10 @@ def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_laye
                                  f"({cfg.get('model_type')}), not a LLaVA checkpoint")
         vcfg = _vision_config(vision_tower, cache_dir)
         strategy = "default" if select_feature == "patch" else "full"
+        if not has_cls_token(vcfg) and strategy == "default":
+            # "default" drops the first token as CLS; a tower without CLS must keep every patch
+            logger.info("%s has no CLS token: using every patch (the 'full' strategy)", vision_tower)
+            strategy = "full"
         layer = select_layer
         processor_src = vision_tower
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)

@@ -33,8 +33,10 @@ def image_processor_for(image_processor, aspect_ratio: str):
 def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None):
     from transformers import LlavaProcessor
 
-    # CLIP-style towers put a CLS token before the patches; LlavaProcessor counts it as "additional"
-    has_cls = "clip" in getattr(vision_config, "model_type", "")
+    from llavakit.model.build import has_cls_token
+
+    # LlavaProcessor counts a CLS token as "additional" and drops it again with the "default" strategy
+    has_cls = has_cls_token(vision_config)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
                           num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,
