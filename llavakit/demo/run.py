@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     n_train: int = 3000
     n_test: int = 200
-    image_size: int = 56
+    render_size: int = 56  # the image files
+    image_size: int = 28  # the vision tower's input: one 14-px patch per quadrant of the scene
     patch_size: int = 14
     vocab_size: int = 400
     lm_hidden: int = 128
@@ -45,12 +46,12 @@ class DemoConfig:
     stage1_epochs: int = 4
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 4
+    stage2_epochs: int = 5
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
 
 
-QUICK = DemoConfig(n_train=600, n_test=40, lm_steps=150, vision_steps=150, stage2_epochs=2)
+QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage1_epochs=2, stage2_epochs=5)
 
 
 class Progress:
@@ -125,8 +126,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     torch.manual_seed(seed)
     p = Progress()
 
-    p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.image_size} px)")
-    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.image_size, seed)
+    p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)")
+    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed)
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
     print(f"    {len(data['captions'])} caption records, "

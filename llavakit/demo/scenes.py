@@ -164,17 +164,18 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
             "scenes": scenes}
 
 
-#: attributes the vision tower is pretrained to read in each quadrant (index 0 = empty quadrant)
-QUADRANT_ATTRIBUTES = (("", *COLOURS), ("", *SHAPES), ("", *SIZES))
+#: what the vision tower is pretrained to read in each quadrant: colour, shape, size (index 0 = empty),
+#: and which quadrant it is looking at (patch features keep their place, as a real CLIP's do)
+QUADRANT_ATTRIBUTES = (("", *COLOURS), ("", *SHAPES), ("", *SIZES), PLACES)
 
 
 def quadrant_labels(scene: Scene) -> list[list[int]]:
-    """For each quadrant (in ``PLACES`` order): [colour, shape, size] class indices, 0 when empty."""
+    """For each quadrant (in ``PLACES`` order): [colour, shape, size, place] class indices."""
     out = []
-    for place in PLACES:
+    for q, place in enumerate(PLACES):
         o = next((x for x in scene.objects if x.place == place), None)
         values = (o.colour, o.shape, o.size) if o else ("", "", "")
-        out.append([attrs.index(v) for attrs, v in zip(QUADRANT_ATTRIBUTES, values)])
+        out.append([attrs.index(v) for attrs, v in zip(QUADRANT_ATTRIBUTES, values)] + [q])
     return out
 
 
