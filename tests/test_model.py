@@ -142,7 +142,13 @@ def test_optimizer_groups_projector_lr_and_no_decay_on_bias_and_norms(asm, tmp_p
 
 def test_qwen2_language_model_and_siglip_tower(tokenizer_dir, tmp_path):
     """Other causal LMs and a CLS-free vision tower assemble, train a step and generate."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        AutoTokenizer,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

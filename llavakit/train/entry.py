@@ -132,6 +132,9 @@ def run(argv: list[str]) -> RunResult:
     _setup_logging(train_args)
     resume = resolve_resume(train_args)
     t0 = time.time()
+    if train_args.process_index == 0:
+        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
+                             train_args)
 
     from llavakit.model.build import build_model, load_parts, torch_dtype_for
     from llavakit.model.projector import load_projector
@@ -177,9 +180,6 @@ def run(argv: list[str]) -> RunResult:
                            processing_class=tokenizer, stage=stage)
     summary_cb = SummaryCallback(trainer)
     trainer.add_callback(summary_cb)
-    if train_args.process_index == 0:
-        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
-                             train_args)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
 
