@@ -49,6 +49,21 @@ def cmd_data_check(args) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_eval_score(args) -> int:
+    from llavakit.eval.score import score_benchmark
+
+    try:
+        result = score_benchmark(args.benchmark, args.answers_file, args.question_file, args.annotations)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"benchmark": args.benchmark, **result}))
+    else:
+        print(f"{args.benchmark}: {result['score']:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavakit", description="Train LLaVA-style vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_encoder_args(p, required=False)
     p.set_defaults(func=cmd_data_check)
+
+    ev = sub.add_parser("eval", help="evaluate on the LLaVA-1.5 benchmarks").add_subparsers(dest="eval_cmd",
+                                                                                          required=True)
+    p = ev.add_parser("score", help="score an answers file with LLaVA-1.5's rules")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--answers-file", "--answers_file", dest="answers_file", required=True)
+    p.add_argument("--question-file", "--question_file", dest="question_file", default=None)
+    p.add_argument("--annotations", default=None, help="ground-truth file or folder (per benchmark)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_score)
     return parser
 
 
