@@ -12,6 +12,7 @@ template).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from llavakit import IMAGE_PLACEHOLDER
@@ -165,22 +166,17 @@ class RoleTemplate(Template):
         return out
 
     def to_jinja(self) -> str:
-        head = _lit(self.head.replace("{system}", "")) if "{system}" not in self.head else \
-            _lit(self.head.split("{system}")[0]) + "{{ system }}" + _lit(self.head.split("{system}")[1])
-        first = self.first_user_prefix
-        first_j = None
-        if first is not None:
-            a, _, b = first.partition("{system}")
-            first_j = _lit(a) + ("{{ system }}" if "{system}" in first else "") + _lit(b)
         gen = self.generation_prefix if self.generation_prefix is not None else self.assistant_prefix
-        user = (("{% if loop.index0 == first_user %}" + first_j + "{% else %}" + _lit(self.user_prefix) +
-                 "{% endif %}") if first_j is not None else _lit(self.user_prefix))
+        user = _lit(self.user_prefix)
+        if self.first_user_prefix is not None:
+            user = ("{% if loop.index0 == first_user %}" + _with_system(self.first_user_prefix) + "{% else %}"
+                    + user + "{% endif %}")
         return (
             "{% set system = " + _py(self.system) + " %}{% set first_user = 0 %}"
             "{% if messages and messages[0]['role'] == 'system' %}"
             "{% set system = messages[0]['content'] if messages[0]['content'] is string "
             "else messages[0]['content'][0]['text'] %}{% set first_user = 1 %}{% endif %}"
-            + head +
+            + _with_system(self.head) +
             "{% for message in messages %}{% if message['role'] == 'user' %}" + user + _jinja_content()
             + _lit(self.user_suffix) +
             "{% elif message['role'] == 'assistant' %}" + _lit(self.assistant_prefix) + _jinja_content()
@@ -190,13 +186,17 @@ class RoleTemplate(Template):
 
 
 def _py(s: str) -> str:
-    import json
-
     return json.dumps(s)
 
 
 def _lit(s: str) -> str:
     return "{{ " + _py(s) + " }}" if s else ""
+
+
+def _with_system(s: str) -> str:
+    """A literal that may hold ``{system}``, as Jinja: the placeholder becomes the ``system`` variable."""
+    before, found, after = s.partition("{system}")
+    return _lit(before) + ("{{ system }}" if found else "") + _lit(after)
 
 
 def _jinja_content() -> str:

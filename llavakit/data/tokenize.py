@@ -56,11 +56,11 @@ class Encoded:
         return self.image_spans[-1][1] if self.image_spans else 0
 
 
-def ensure_image_token(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> int:
-    """Add the image token to the tokenizer as a special token (if missing); return its id."""
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(image_token)
+def ensure_special_token(tokenizer, token: str = IMAGE_PLACEHOLDER) -> int:
+    """Add ``token`` (by default the image token) to the tokenizer as a special token if missing; return its id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(token)
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -84,11 +84,11 @@ class ConversationEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self.num_image_tokens = num_image_tokens
-        self.image_token_id = ensure_image_token(tokenizer, image_token)
+        self.image_token_id = ensure_special_token(tokenizer, image_token)
         self.add_bos = tokenizer_adds_bos(tokenizer)
         block = [self.image_token_id] * num_image_tokens
         if mm_use_im_start_end:
-            block = [ensure_image_token(tokenizer, IM_START), *block, ensure_image_token(tokenizer, IM_END)]
+            block = [ensure_special_token(tokenizer, IM_START), *block, ensure_special_token(tokenizer, IM_END)]
         self.image_block = block
         self._check_stop_token()
 

@@ -50,18 +50,23 @@ def save_tokenizer(tok, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def tiny_llama(tokenizer, path: str | os.PathLike, hidden: int = 64, layers: int = 2, heads: int = 4,
-               intermediate: int = 128, max_positions: int = 2048, seed: int = 0) -> str:
-    """A small random Llama causal LM sized to ``tokenizer``, saved with its tokenizer (like Vicuna)."""
+def new_llama(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int = 2048,
+              seed: int = 0):
+    """A randomly initialised Llama causal LM sized to ``tokenizer`` (seeded)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
-                      max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
+
+
+def save_llama(model, tokenizer, path: str | os.PathLike) -> str:
+    """Save a language model with its tokenizer and a plain generation config, as a hub LLM directory is."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(str(path))
@@ -69,18 +74,38 @@ def tiny_llama(tokenizer, path: str | os.PathLike, hidden: int = 64, layers: int
     return str(path)
 
 
+def tiny_llama(tokenizer, path: str | os.PathLike, hidden: int = 64, layers: int = 2, heads: int = 4,
+               intermediate: int = 128, max_positions: int = 2048, seed: int = 0) -> str:
+    """A small random Llama causal LM sized to ``tokenizer``, saved with its tokenizer (like Vicuna)."""
+    return save_llama(new_llama(tokenizer, hidden, layers, heads, intermediate, max_positions, seed), tokenizer,
+                      path)
+
+
+def new_clip_vision(image_size: int, patch_size: int, hidden: int, layers: int, heads: int, intermediate: int,
+                    seed: int = 0):
+    """A randomly initialised CLIP vision tower (seeded)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    return CLIPVisionModel(CLIPVisionConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=intermediate, projection_dim=hidden))
+
+
+def save_clip_vision(model, path: str | os.PathLike) -> str:
+    """Save a vision tower with its image-processor config, as ``openai/clip-vit-*`` directories are."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = model.config.image_size
+    model.save_pretrained(str(path))
+    CLIPImageProcessorPil(size={"shortest_edge": size},
+                          crop_size={"height": size, "width": size}).save_pretrained(str(path))
+    return str(path)
+
+
 def tiny_clip(path: str | os.PathLike, image_size: int = 28, patch_size: int = 14, hidden: int = 32,
               layers: int = 3, heads: int = 4, intermediate: int = 64, seed: int = 0) -> str:
     """A small random CLIP vision tower with its image-processor config (like openai/clip-vit-*)."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
-                           num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
-                           projection_dim=hidden)
-    CLIPVisionModel(cfg).save_pretrained(str(path))
-    CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                          crop_size={"height": image_size, "width": image_size}).save_pretrained(str(path))
-    return str(path)
+    return save_clip_vision(new_clip_vision(image_size, patch_size, hidden, layers, heads, intermediate, seed),
+                            path)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llavakit.demo.backbones import new_clip_vision, new_llama, save_clip_vision, save_llama
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,15 +35,7 @@ def pretrain_language_model(tokenizer, texts: list[str], out: str | Path, *, hid
                             steps: int, seq_len: int = 64, batch: int = 32, lr: float = 3e-3, seed: int = 0,
                             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Train a small Llama on ``texts`` (packed into ``seq_len`` chunks); save it with its tokenizer."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
-                      intermediate_size=hidden * 3, max_position_embeddings=1024,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = new_llama(tokenizer, hidden, layers, max(1, hidden // 32), hidden * 3, max_positions=1024, seed=seed)
     ids: list[int] = []
     for t in texts:
         ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
@@ -62,10 +56,7 @@ def pretrain_language_model(tokenizer, texts: list[str], out: str | Path, *, hid
         losses.append(float(loss.detach()))
         if progress:
             progress(step, steps, losses[-1])
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_llama(model, tokenizer, out)
     return losses
 
 
@@ -80,14 +71,7 @@ def pretrain_vision(images: list[np.ndarray], quadrant_labels: np.ndarray, out: 
     shape ``(N, 4, A)``, with ``num_classes[a]`` classes for attribute ``a``). The heads are thrown away; the
     tower is saved with its image-processor config, like ``openai/clip-vit-*``.
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
-                           num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                           intermediate_size=hidden * 2, projection_dim=hidden)
-    model = CLIPVisionModel(cfg)
+    model = new_clip_vision(image_size, patch_size, hidden, layers, max(1, hidden // 32), hidden * 2, seed=seed)
     heads = torch.nn.ModuleList(torch.nn.Linear(hidden, k) for k in num_classes)
     grid = image_size // patch_size
     half = grid // 2
@@ -121,7 +105,5 @@ def pretrain_vision(images: list[np.ndarray], quadrant_labels: np.ndarray, out: 
         losses.append(float(loss.detach()))
         if progress:
             progress(step, steps, losses[-1])
-    model.save_pretrained(str(out))
-    CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                          crop_size={"height": image_size, "width": image_size}).save_pretrained(str(out))
+    save_clip_vision(model, out)
     return losses

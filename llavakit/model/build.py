@@ -38,7 +38,6 @@ class Assembled:
     tokenizer: Any
     image_processor: Any
     num_image_tokens: int
-    from_llava_checkpoint: bool
 
 
 def read_config_dict(name_or_path: str, cache_dir: str | None = None) -> dict:
@@ -101,16 +100,15 @@ def load_image_processor(name_or_path: str, cache_dir: str | None = None):
 def prepare_tokenizer(tokenizer, mm_use_im_patch_token: bool = False, mm_use_im_start_end: bool = False) -> None:
     """Add the image token (and the original's optional marker tokens), and a pad token when missing —
     the unk token where there is one, as the original's ``--version`` rules do."""
-    from tokenizers import AddedToken
+    from llavakit.data.tokenize import IM_END, IM_START, ensure_special_token
 
     extra = [IMAGE_PLACEHOLDER]
     if mm_use_im_patch_token:
         extra.append("<im_patch>")
     if mm_use_im_start_end:
-        extra += ["<im_start>", "<im_end>"]
-    missing = [t for t in extra if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        extra += [IM_START, IM_END]
+    for token in extra:
+        ensure_special_token(tokenizer, token)
     if tokenizer.pad_token is None:
         if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
@@ -235,8 +233,7 @@ def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer:
                        mm_use_im_start_end=mm_use_im_start_end, trust_remote_code=trust_remote_code)
     model = build_model(parts, dtype=dtype, cache_dir=cache_dir, attn_implementation=attn_implementation,
                         trust_remote_code=trust_remote_code)
-    return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens,
-                     parts.kind == "llava-hf")
+    return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens)
 
 
 @contextlib.contextmanager

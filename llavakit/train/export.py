@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from llavakit.model.generation_config import make_savable
+from llavakit import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def build_processor(tokenizer, image_processor, vision_config, strategy: str, ch
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
                           num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,
-                          image_token="<image>")
+                          image_token=IMAGE_PLACEHOLDER)
 
 
 def set_generation_stop(model, tokenizer, template) -> None:
@@ -63,14 +63,16 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
     chat_template = template.to_jinja()
     tokenizer.chat_template = chat_template
     set_generation_stop(model, tokenizer, template)
-    make_savable(model.generation_config)
     if trainer.stage.projector_only_saves:
         trainer.save_model(out)  # projector + config (see LlavaTrainer._save)
         if train_args.should_save:
             tokenizer.save_pretrained(out)
         return
-    trainer.save_model(out)
     is_lora = hasattr(trainer.model, "peft_config")
+    if not is_lora:  # the saved config is for inference
+        model.config.use_cache = True
+        model.config.text_config.use_cache = True
+    trainer.save_model(out)  # weights, config and generation config (or the adapter), see LlavaTrainer._save
     if train_args.should_save:
         processor = build_processor(tokenizer, image_processor_for(parts.image_processor, data_args.image_aspect_ratio),
                                     model.config.vision_config,
@@ -81,9 +83,5 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
             processor.save_pretrained(out)
             write_base_record(out, model_args)
             return
-        model.config.use_cache = True
-        model.config.text_config.use_cache = True
-        model.config.save_pretrained(out)
-        model.generation_config.save_pretrained(out)
         processor.save_pretrained(out)
         logger.info("final model written to %s", os.path.abspath(out))

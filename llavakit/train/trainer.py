@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from functools import partial
 
 import torch
@@ -56,7 +55,6 @@ class LlavaTrainer(Trainer):
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
         self.tokens_seen = 0
         self.samples_seen = 0
-        self.train_start = None
 
     # ---- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -69,7 +67,7 @@ class LlavaTrainer(Trainer):
             args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
             has_image=ds.index.has_image, seed=args.seed)
         params = {"batch_sampler": sampler, "collate_fn": self.data_collator,
-                  "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory and torch.cuda.is_available(),
+                  "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
                   "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
                   "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
                                             rank=args.process_index)}
@@ -102,8 +100,6 @@ class LlavaTrainer(Trainer):
 
     # ---- step -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.train_start is None:
-            self.train_start = time.time()
         if model.training and "attention_mask" in inputs:
             self.tokens_seen += int(inputs["attention_mask"].sum())
             self.samples_seen += int(inputs["attention_mask"].shape[0])
