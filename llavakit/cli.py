@@ -64,6 +64,63 @@ def cmd_eval_score(args) -> int:
     return 0
 
 
+def _opt(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """``--some-flag`` (LLaVA's eval scripts' spelling) and ``--some_flag`` both."""
+    p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), **kw)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _opt(p, "model-path", required=True, help="a LLaVA output directory: full model, LoRA adapter or merged")
+    _opt(p, "model-base", default=None, help="for a LoRA adapter: the base, if not the one it records")
+    _opt(p, "conv-mode", default=None, help="override the chat template the model was saved with (v1, ...)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _opt(p, "top-p", type=float, default=None)
+    _opt(p, "max-new-tokens", type=int, default=max_new_tokens)
+
+
+def cmd_merge_lora(args) -> int:
+    from llavakit.model.load import merge_lora, save_llava
+
+    model, processor = merge_lora(args.model_path, model_base=args.model_base)
+    save_llava(model, processor, args.save_model_path)
+    print(f"merged model written to {args.save_model_path}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from llavakit.model import convert
+
+    if args.direction == "from-original":
+        convert.from_original(args.model_path, args.save_model_path, vision_tower=args.vision_tower,
+                              conv_mode=args.conv_mode)
+    else:
+        convert.to_original(args.model_path, args.save_model_path, vision_tower=args.vision_tower)
+    print(f"written to {args.save_model_path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from llavakit.infer.predict import main
+
+    return main(args)
+
+
+def cmd_chat(args) -> int:
+    from llavakit.infer.chat import main
+
+    return main(args)
+
+
+def cmd_serve(args) -> int:
+    from llavakit.infer.serve import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavakit", description="Train LLaVA-style vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +155,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=None, help="ground-truth file or folder (per benchmark)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_score)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA run's adapter into its base: a plain LLaVA checkpoint")
+    _opt(p, "model-path", required=True, help="the LoRA run's output directory")
+    _opt(p, "model-base", default=None, help="the base (default: the one the adapter records)")
+    _opt(p, "save-model-path", required=True)
+    p.set_defaults(func=cmd_merge_lora)
+
+    conv = sub.add_parser("convert", help="convert between the original LLaVA layout and transformers' Llava")
+    csub = conv.add_subparsers(dest="direction", required=True)
+    for name, text in (("from-original", "original-format checkpoint → transformers-native"),
+                       ("to-original", "transformers-native → the original repository's layout")):
+        p = csub.add_parser(name, help=text)
+        _opt(p, "model-path", required=True)
+        _opt(p, "save-model-path", required=True)
+        _opt(p, "vision-tower", default=None,
+             help="from-original: where the tower named by mm_vision_tower is loaded from; to-original: the "
+                  "public tower to name in mm_vision_tower (default: the model's own tower, saved beside it)")
+        if name == "from-original":
+            _opt(p, "conv-mode", default="vicuna_v1", help="the conversation template (LLaVA-1.5: vicuna_v1)")
+        p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("predict", help="answer a LLaVA-format question file (resumable, batched)")
+    _add_model_args(p)
+    _opt(p, "question-file", required=True)
+    _opt(p, "image-folder", default=None)
+    _opt(p, "answers-file", required=True)
+    _opt(p, "num-chunks", type=int, default=1)
+    _opt(p, "chunk-idx", type=int, default=0)
+    _opt(p, "batch-size", type=int, default=8)
+    _opt(p, "num-beams", type=int, default=1)
+    _opt(p, "model-id", default=None, help="model_id in the answer lines (default: the model directory's name)")
+    _add_sampling_args(p, 128)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("chat", help="talk to a model about one or more images")
+    _add_model_args(p)
+    _opt(p, "image-file", action="append", default=[], help="an image (repeat, or comma-separate, for several)")
+    _add_sampling_args(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _opt(p, "model-id", default=None)
+    _opt(p, "allow-local-files", action="store_true", help="accept image_url paths and file:// URLs")
+    _opt(p, "allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    _opt(p, "max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -115,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from llavakit.data.records import RecordFileError
     from llavakit.data.templates import TemplateError
+    from llavakit.infer.predict import QuestionFileError
+    from llavakit.model.build import ModelLoadError
 
     try:
         return int(args.func(args) or 0)
-    except (RecordFileError, TemplateError) as e:
+    except (RecordFileError, TemplateError, ModelLoadError, QuestionFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,42 @@ def lora_flags(backbones, data, out, projector, **over) -> list[str]:
     over.setdefault("per_device_train_batch_size", "2")
     return _flags("finetune_lora", backbones, data, out, {"data_path": data["instruct"],
                                                           "pretrain_mm_mlp_adapter": str(projector)}, over)
+
+
+# ---- trained outputs shared by the training, inference and conversion tests -----------------------
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def stage1(backbones, train_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    from llavakit.model.build import assemble
+    from llavakit.train.entry import run
+
+    before = _snapshot(assemble(backbones["llm"], backbones["clip"]).model)
+    res = run(stage1_flags(backbones, train_data, out))
+    return {"out": out, "result": res, "before": before}
+
+
+@pytest.fixture(scope="session")
+def stage2(backbones, train_data, stage1, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2")
+    from llavakit.model.build import assemble
+
+    before = _snapshot(assemble(backbones["llm"], backbones["clip"]).model)
+    cmd = [sys.executable, "-m", "llavakit", "train",
+           *stage2_flags(backbones, train_data, out, stage1["out"] / "mm_projector.bin")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"out": out, "stdout": r.stdout, "before": before}
+
+
+@pytest.fixture(scope="session")
+def lora_run(backbones, train_data, stage1, tmp_path_factory):
+    """A LoRA run with the seed's flags (3 steps, from the stage-1 projector)."""
+    from llavakit.train.entry import run
+
+    out = tmp_path_factory.mktemp("lora")
+    res = run(lora_flags(backbones, train_data, out, stage1["out"] / "mm_projector.bin", max_steps=3))
+    return {"out": out, "result": res}

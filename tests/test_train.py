@@ -15,20 +15,6 @@ from llavakit.train.entry import run
 from .conftest import make_image, stage1_flags, stage2_flags
 
 
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def stage1(backbones, train_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    from llavakit.model.build import assemble
-
-    before = _snapshot(assemble(backbones["llm"], backbones["clip"]).model)
-    res = run(stage1_flags(backbones, train_data, out))
-    return {"out": out, "result": res, "before": before}
-
-
 def test_stage1_trains_only_the_projector(stage1):
     model = stage1["result"].trainer.llava
     before = stage1["before"]
@@ -59,19 +45,6 @@ def test_stage1_checkpoints_hold_no_frozen_weights(stage1):
     assert not files & {"model.safetensors", "pytorch_model.bin"}
     size = sum(os.path.getsize(stage1["out"] / ckpts[0] / f) for f in files)
     assert size < 200_000
-
-
-@pytest.fixture(scope="module")
-def stage2(backbones, train_data, stage1, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage2")
-    from llavakit.model.build import assemble
-
-    before = _snapshot(assemble(backbones["llm"], backbones["clip"]).model)
-    cmd = [sys.executable, "-m", "llavakit", "train",
-           *stage2_flags(backbones, train_data, out, stage1["out"] / PROJECTOR_BIN)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"out": out, "stdout": r.stdout, "before": before}
 
 
 def test_stage2_cli_summary_and_outputs(stage2):
@@ -188,11 +161,8 @@ def test_continue_from_a_llava_checkpoint_needs_no_vision_tower(stage2, backbone
     assert all(torch.equal(start[k], end[k]) for k in vision)
 
 
-def test_lora_with_the_seed_flags_trains_adapters_and_projector_only(backbones, train_data, stage1, tmp_path):
-    from .conftest import lora_flags
-
-    out = tmp_path / "lora"
-    res = run(lora_flags(backbones, train_data, out, stage1["out"] / PROJECTOR_BIN, max_steps=3))
+def test_lora_with_the_seed_flags_trains_adapters_and_projector_only(backbones, lora_run):
+    out, res = lora_run["out"], lora_run["result"]
     model = res.trainer.model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "multi_modal_projector.modules_to_save" in n for n in trainable)

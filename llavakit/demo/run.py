@@ -177,8 +177,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     from llavakit.data.templates import get_template
     from llavakit.infer.generate import Predictor, Query
     from llavakit.model.build import assemble
+    from llavakit.model.processing import build_processor, image_processor_for
     from llavakit.model.projector import load_projector
-    from llavakit.train.export import build_processor, image_processor_for
 
     final = Predictor.from_pretrained(str(s2))
     final_res = evaluate(final, heldout, image_root)

@@ -23,12 +23,29 @@ def apply_lora(model, train_args, train_projector: bool = True):
     return get_peft_model(model, cfg)
 
 
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def read_base_record(directory: str) -> dict | None:
+    path = os.path.join(directory, BASE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_base_record(directory: str, model_args) -> str:
     """What the adapter was trained on, so merging needs no guess from directory names."""
     path = os.path.join(directory, BASE_FILE)
+    record = {"model_name_or_path": _abs(model_args.model_name_or_path),
+              "vision_tower": _abs(model_args.vision_tower),
+              "mm_vision_select_layer": model_args.mm_vision_select_layer,
+              "mm_vision_select_feature": model_args.mm_vision_select_feature,
+              "mm_use_im_start_end": model_args.mm_use_im_start_end,
+              "mm_use_im_patch_token": model_args.mm_use_im_patch_token,
+              "pretrain_mm_mlp_adapter": _abs(model_args.pretrain_mm_mlp_adapter),
+              "version": model_args.version}
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"model_name_or_path": model_args.model_name_or_path, "vision_tower": model_args.vision_tower,
-                   "mm_vision_select_layer": model_args.mm_vision_select_layer,
-                   "mm_vision_select_feature": model_args.mm_vision_select_feature,
-                   "version": model_args.version}, f, indent=2)
+        json.dump(record, f, indent=2)
     return path

@@ -1,0 +1,324 @@
+"""Conversion between the original LLaVA checkpoint layout and transformers' native Llava.
+
+Original layout (``liuhaotian/llava-v1.5-*``): a ``config.json`` of the language model plus ``mm_*`` fields
+(``architectures: [LlavaLlamaForCausalLM]``, ``model_type: llava_llama``), weights named as the language
+model's (``model.layers.*``, ``lm_head.weight``) plus ``model.mm_projector.{0,2}.*``; the vision tower is
+named by ``mm_vision_tower`` and loaded from there (its weights are in the checkpoint only when it was
+trained: ``model.vision_tower.vision_tower.*``). The original keeps ``<image>`` out of the vocabulary.
+
+Native layout: ``LlavaForConditionalGeneration`` with ``model.language_model.*``,
+``model.multi_modal_projector.linear_{1,2}.*``, ``model.vision_tower.*``, ``lm_head.*``, an ``<image>``
+token in the vocabulary (embeddings padded to a multiple of 64, new rows set to the mean row), and a
+processor whose chat template is the conversation template.
+
+Tensors are moved, never recomputed: original → native → original gives back the same tensors.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import torch
+
+from llavakit import IMAGE_PLACEHOLDER
+from llavakit.model.build import ModelLoadError, checkpoint_kind, read_config_dict
+
+logger = logging.getLogger(__name__)
+
+#: original model_type → (transformers text model_type, original architecture)
+ORIGINAL_TEXT_MODELS = {
+    "llava": ("llama", "LlavaLlamaForCausalLM"),
+    "llava_llama": ("llama", "LlavaLlamaForCausalLM"),
+    "llava_mistral": ("mistral", "LlavaMistralForCausalLM"),
+}
+TEXT_TO_ORIGINAL = {"llama": ("llava_llama", "LlavaLlamaForCausalLM"),
+                    "mistral": ("llava_mistral", "LlavaMistralForCausalLM")}
+#: config fields the original adds to the language model's config
+ORIGINAL_EXTRA_FIELDS = {"image_aspect_ratio", "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
+                         "use_mm_proj", "tokenizer_model_max_length", "tokenizer_padding_side",
+                         "unfreeze_mm_vision_tower", "mm_vision_tower_lr", "vision_tower", "s2", "s2_scales",
+                         "architectures", "model_type", "_name_or_path", "transformers_version"}
+ORIGINAL_PROJECTOR = "model.mm_projector."
+ORIGINAL_VISION = "model.vision_tower.vision_tower."
+NATIVE_LM = "model.language_model."
+NATIVE_PROJECTOR = "model.multi_modal_projector."
+NATIVE_VISION = "model.vision_tower."
+PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+
+
+class ConversionError(ModelLoadError):
+    pass
+
+
+# ---- weights on disk ----------------------------------------------------------------------------
+def read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: safetensors or torch ``.bin`` files, sharded or not."""
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(f))
+        return out
+    files = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+    if not files:
+        raise ConversionError(f"{directory}: no *.safetensors or pytorch_model*.bin weight files")
+    out = {}
+    for f in files:
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def write_weights(state: dict[str, torch.Tensor], directory: str, max_shard_size: str = "5GB") -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, directory, max_shard_size=max_shard_size)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] >= rows:
+        return t
+    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+    return torch.cat([t, mean.expand(rows - t.shape[0], -1)], 0)
+
+
+# ---- original → native --------------------------------------------------------------------------
+def from_original(model_path: str, save_path: str, *, vision_tower: str | None = None,
+                  conv_mode: str = "vicuna_v1") -> str:
+    """Write the native conversion of an original-format checkpoint to ``save_path``."""
+    from transformers import CONFIG_MAPPING, GenerationConfig, LlavaConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from llavakit.data.templates import get_template
+    from llavakit.data.tokenize import load_tokenizer
+    from llavakit.model.build import _vision_config, has_cls_token, load_image_processor, prepare_tokenizer
+    from llavakit.model.generation_config import make_savable
+    from llavakit.model.processing import build_processor, image_processor_for, set_generation_stop
+
+    cfg = read_config_dict(model_path)
+    if checkpoint_kind(cfg) != "llava-original":
+        raise ConversionError(f"{model_path}: not an original-format LLaVA checkpoint (no mm_vision_tower / "
+                              "Llava*ForCausalLM in its config.json)")
+    mtype = cfg.get("model_type")
+    if mtype not in ORIGINAL_TEXT_MODELS:
+        raise ConversionError(f"{model_path}: model_type {mtype!r} is not supported; supported: "
+                              f"{', '.join(sorted(ORIGINAL_TEXT_MODELS))}")
+    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ConversionError(f"{model_path}: mm_projector_type {cfg['mm_projector_type']!r}; only mlp2x_gelu "
+                              "(LLaVA-1.5) maps onto transformers' Llava projector")
+    if cfg.get("mm_patch_merge_type", "flat") != "flat":
+        raise ConversionError(f"{model_path}: mm_patch_merge_type {cfg['mm_patch_merge_type']!r} (LLaVA-NeXT "
+                              "AnyRes) is not a LLaVA-1.5 checkpoint")
+    tower = vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if not tower:
+        raise ConversionError(f"{model_path}: config.json names no mm_vision_tower; give --vision-tower")
+    text_type, _ = ORIGINAL_TEXT_MODELS[mtype]
+    text_fields = {k: v for k, v in cfg.items() if not k.startswith("mm_") and k not in ORIGINAL_EXTRA_FIELDS}
+    text_config = CONFIG_MAPPING[text_type].from_dict(text_fields)
+
+    tokenizer = load_tokenizer(model_path)
+    use_patch, use_start_end = bool(cfg.get("mm_use_im_patch_token")), bool(cfg.get("mm_use_im_start_end"))
+    prepare_tokenizer(tokenizer, use_patch, use_start_end)
+
+    vcfg = _vision_config(tower, None)
+    strategy = "default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
+    if not has_cls_token(vcfg):
+        strategy = "full"
+    logger.info("reading %s", model_path)
+    original = read_weights(model_path)
+    state: dict[str, torch.Tensor] = {}
+    own_vision = {}
+    for k, v in original.items():
+        if k.startswith(ORIGINAL_PROJECTOR):
+            layer, _, param = k[len(ORIGINAL_PROJECTOR):].partition(".")
+            if layer not in PROJECTOR_LAYERS:
+                raise ConversionError(f"{model_path}: projector weight {k} is not part of an mlp2x_gelu projector")
+            state[f"{NATIVE_PROJECTOR}{PROJECTOR_LAYERS[layer]}.{param}"] = v
+        elif k.startswith(ORIGINAL_VISION):
+            own_vision[k[len(ORIGINAL_VISION):]] = v
+        elif k.startswith("lm_head."):
+            state[k] = v
+        elif k.startswith("model."):
+            state[NATIVE_LM + k[len("model."):]] = v
+        else:
+            raise ConversionError(f"{model_path}: unexpected weight {k}")
+    if f"{NATIVE_PROJECTOR}linear_1.weight" not in state:
+        raise ConversionError(f"{model_path}: no model.mm_projector.* weights; a stage-1 projector alone "
+                              "(mm_projector.bin) is used with --pretrain_mm_mlp_adapter, not converted")
+    logger.info("loading vision tower %s", tower)
+    dtype = state[f"{NATIVE_PROJECTOR}linear_1.weight"].dtype
+    vision = MODEL_MAPPING[type(vcfg)].from_pretrained(tower, config=vcfg, dtype=dtype)
+    vision_state = vision.state_dict()
+    for k, v in own_vision.items():
+        if k not in vision_state:
+            raise ConversionError(f"{model_path}: vision weight {ORIGINAL_VISION}{k} does not fit {tower}")
+        vision_state[k] = v
+    state.update({NATIVE_VISION + k: v for k, v in vision_state.items()})
+
+    embed = NATIVE_LM + "embed_tokens.weight"
+    rows = -(-len(tokenizer) // 64) * 64
+    rows = max(rows, state[embed].shape[0])
+    state[embed] = _pad_rows(state[embed], rows)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)
+    else:
+        state["lm_head.weight"] = _pad_rows(state["lm_head.weight"], rows)
+    text_config.vocab_size = rows
+    text_config.pad_token_id = tokenizer.pad_token_id
+
+    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if strategy == "full" and has_cls_token(vcfg) else 0)
+    config = LlavaConfig(text_config=text_config, vision_config=vision.config,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), image_seq_length=n_tokens,
+                         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                         multimodal_projector_bias=True, tie_word_embeddings=tied)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.pad_token_id = tokenizer.pad_token_id
+    config.dtype = dtype
+    os.makedirs(save_path, exist_ok=True)
+    config.save_pretrained(save_path)
+    write_weights(state, save_path)
+
+    template = get_template(conv_mode, tokenizer)
+    tokenizer.chat_template = template.to_jinja()
+    processor = build_processor(tokenizer, image_processor_for(load_image_processor(tower),
+                                                               cfg.get("image_aspect_ratio") or "square"),
+                                vcfg, strategy, template.to_jinja())
+    processor.save_pretrained(save_path)
+    gen_path = os.path.join(model_path, "generation_config.json")
+    gen = GenerationConfig.from_pretrained(model_path) if os.path.isfile(gen_path) else GenerationConfig()
+    set_generation_stop(gen, tokenizer, template)
+    make_savable(gen)
+    gen.save_pretrained(save_path)
+    logger.info("converted %s → %s", model_path, save_path)
+    return save_path
+
+
+# ---- native → original --------------------------------------------------------------------------
+def to_original(model_path: str, save_path: str, *, vision_tower: str | None = None) -> str:
+    """Write ``model_path`` (native) in the original repository's layout to ``save_path``.
+
+    ``vision_tower`` names the public tower the model's tower equals (``mm_vision_tower``); without it the
+    tower is saved to ``save_path/vision_tower`` and ``mm_vision_tower`` points there.
+    """
+    from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
+
+    cfg = read_config_dict(model_path)
+    if checkpoint_kind(cfg) != "llava-hf":
+        raise ConversionError(f"{model_path}: not a transformers-native LLaVA checkpoint")
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype="auto")
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = processor.tokenizer
+    text_type = model.config.text_config.model_type
+    if text_type not in TEXT_TO_ORIGINAL:
+        raise ConversionError(f"{model_path}: the original repository has no LLaVA class for a {text_type} "
+                              f"language model (supported: {', '.join(TEXT_TO_ORIGINAL)})")
+    strategy = model.config.vision_feature_select_strategy
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ConversionError(f"{model_path}: vision_feature_layer {layer!r}; the original takes one layer")
+
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(NATIVE_PROJECTOR):
+            layer_name, _, param = k[len(NATIVE_PROJECTOR):].partition(".")
+            inv = {v2: k2 for k2, v2 in PROJECTOR_LAYERS.items()}
+            state[f"{ORIGINAL_PROJECTOR}{inv[layer_name]}.{param}"] = v
+        elif k.startswith(NATIVE_LM):
+            state["model." + k[len(NATIVE_LM):]] = v
+        elif k == "lm_head.weight":
+            if not model.config.tie_word_embeddings:
+                state[k] = v
+        elif not k.startswith(NATIVE_VISION):
+            raise ConversionError(f"{model_path}: unexpected weight {k}")
+
+    os.makedirs(save_path, exist_ok=True)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(save_path)
+    image_id = model.config.image_token_index
+    if image_id == len(tokenizer) - 1 and _drop_last_added_token(save_path, IMAGE_PLACEHOLDER, image_id):
+        vocab = image_id  # <image> was added last (by a conversion or by training): it goes again
+    else:  # kept (harmless: the original splits prompts on "<image>" before tokenizing)
+        tokenizer.save_pretrained(save_path)
+        vocab = len(tokenizer)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in state:
+            state[k] = state[k][:vocab].clone()
+    write_weights(state, save_path)
+
+    vision = model.model.vision_tower
+    if vision_tower is None:
+        vision_tower = os.path.abspath(os.path.join(save_path, "vision_tower"))
+        vision.save_pretrained(vision_tower)
+        ip = {k: v for k, v in processor.image_processor.to_dict().items()
+              if k in ("crop_size", "do_center_crop", "do_normalize", "do_rescale", "do_resize", "do_convert_rgb",
+                       "image_mean", "image_std", "resample", "rescale_factor", "size")}
+        CLIPImageProcessor(**ip).save_pretrained(vision_tower)
+        logger.info("vision tower saved to %s (mm_vision_tower points there)", vision_tower)
+
+    original_type, arch = TEXT_TO_ORIGINAL[text_type]
+    text = model.config.text_config.to_dict()
+    for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+              "output_attentions", "output_hidden_states", "return_dict", "use_return_dict"):
+        text.pop(k, None)
+    do_pad = bool(getattr(processor.image_processor, "do_pad", False))
+    out_cfg = {
+        "architectures": [arch], "model_type": original_type, **text,
+        "vocab_size": vocab, "torch_dtype": str(next(iter(state.values())).dtype).replace("torch.", ""),
+        "use_cache": True, "pad_token_id": tokenizer.pad_token_id,
+        "mm_vision_tower": vision_tower, "mm_hidden_size": model.config.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": layer,
+        "mm_vision_select_feature": "patch" if strategy == "default" else "cls_patch",
+        "mm_use_im_start_end": "<im_start>" in tokenizer.get_vocab(),
+        "mm_use_im_patch_token": "<im_patch>" in tokenizer.get_vocab(), "mm_patch_merge_type": "flat",
+        "image_aspect_ratio": "pad" if do_pad else "square", "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False, "use_mm_proj": True, "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": min(int(getattr(tokenizer, "model_max_length", 2048) or 2048),
+                                          model.config.text_config.max_position_embeddings),
+    }
+    with open(os.path.join(save_path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(out_cfg, f, indent=2, sort_keys=True)
+    from llavakit.model.generation_config import make_savable
+
+    gen = model.generation_config
+    make_savable(gen)
+    gen.save_pretrained(save_path)
+    logger.info("converted %s → %s (original layout)", model_path, save_path)
+    return save_path
+
+
+def _drop_last_added_token(directory: str, token: str, token_id: int) -> bool:
+    """Remove ``token`` (the last added token) from a saved tokenizer; True when the reloaded tokenizer no
+    longer has it."""
+    from transformers import AutoTokenizer
+
+    tj = os.path.join(directory, "tokenizer.json")
+    tc = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(tj):
+        data = json.load(open(tj, encoding="utf-8"))
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != token]
+        json.dump(data, open(tj, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+    if os.path.isfile(tc):
+        data = json.load(open(tc, encoding="utf-8"))
+        data.get("added_tokens_decoder", {}).pop(str(token_id), None)
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            if isinstance(data.get(key), list):
+                data[key] = [t for t in data[key] if t != token]
+            elif isinstance(data.get(key), dict):
+                data[key] = {k: v for k, v in data[key].items() if v != token}
+        data.pop("image_token", None)
+        json.dump(data, open(tc, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+    sm = os.path.join(directory, "special_tokens_map.json")
+    if os.path.isfile(sm):
+        data = json.load(open(sm, encoding="utf-8"))
+        if isinstance(data.get("additional_special_tokens"), list):
+            data["additional_special_tokens"] = [t for t in data["additional_special_tokens"]
+                                                 if (t if isinstance(t, str) else t.get("content")) != token]
+        json.dump(data, open(sm, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+    reloaded = AutoTokenizer.from_pretrained(directory)
+    return token not in reloaded.get_vocab() and len(reloaded) == token_id
