@@ -124,7 +124,11 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     use_patch, use_start_end = bool(cfg.get("mm_use_im_patch_token")), bool(cfg.get("mm_use_im_start_end"))
     prepare_tokenizer(tokenizer, use_patch, use_start_end)
 
-    vcfg = _vision_config(tower, None)
+    try:
+        vcfg = _vision_config(tower, None)
+    except OSError as e:
+        raise ConversionError(f"{model_path}: cannot load the vision tower {tower!r} it names ({e}); give "
+                              "--vision-tower with a local copy of that tower") from None
     strategy = "default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
     if not has_cls_token(vcfg):
         strategy = "full"
