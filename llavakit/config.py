@@ -201,10 +201,20 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     if t.bits not in (4, 8, 16):
         errors.append(f"--bits {t.bits}: use 4, 8 or 16")
     elif t.bits in (4, 8):
+        import importlib.util
+
         import torch
 
         if not torch.cuda.is_available():
             errors.append(f"--bits {t.bits} (QLoRA) needs a CUDA GPU with bitsandbytes; none is available here")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            errors.append(f"--bits {t.bits} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+        if not t.lora_enable:
+            errors.append(f"--bits {t.bits} quantises the language model for LoRA training; add --lora_enable True")
+        if t.deepspeed and "zero3" in str(t.deepspeed).replace("_", "").replace("-", "").lower():
+            errors.append(f"--bits {t.bits} cannot be combined with ZeRO-3; use ZeRO-2 (scripts/zero2.json)")
+        if t.quant_type not in ("nf4", "fp4"):
+            errors.append(f"--quant_type {t.quant_type!r}: use nf4 or fp4")
     if t.lora_bias not in ("none", "all", "lora_only"):
         errors.append(f"--lora_bias {t.lora_bias!r}: use none, all or lora_only")
     if t.model_max_length < 8:

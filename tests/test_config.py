@@ -44,6 +44,7 @@ def test_yaml_config_with_flag_overrides(backbones, train_data, tmp_path):
     (["--image_aspect_ratio", "anyres"], "use 'square' or 'pad'"),
     (["--version", "vicuna_v9"], "unknown template"),
     (["--bits", "4"], "needs a CUDA GPU"),
+    (["--bits", "8"], "add --lora_enable True"),
     (["--pretrain_mm_mlp_adapter", "/nope/mm_projector.bin"], "no such file"),
     (["--data_path", "/nope.json"], "no such file or directory"),
 ])

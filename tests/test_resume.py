@@ -29,3 +29,28 @@ def test_stage1_resume_matches_uninterrupted(backbones, train_data, tmp_path):
     a = torch.load(tmp_path / "full" / PROJECTOR_BIN, weights_only=True)
     b = torch.load(tmp_path / "resumed" / PROJECTOR_BIN, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_resume_matches_uninterrupted(backbones, train_data, stage1, tmp_path):
+    """The original's #1200: a LoRA run resumes from its checkpoint and continues exactly."""
+    from safetensors.torch import load_file
+
+    from .conftest import lora_flags
+
+    projector = stage1["out"] / PROJECTOR_BIN
+    common = {"save_steps": 2, "save_total_limit": None, "per_device_train_batch_size": 4, "num_train_epochs": 1,
+              "warmup_ratio": 0.25}
+    full = run(lora_flags(backbones, train_data, tmp_path / "full", projector, **common))
+    ref = _losses(full)
+    assert len(ref) == 4
+    half = tmp_path / "full" / "checkpoint-2"
+    assert (half / "adapter_model.safetensors").is_file()
+    resumed = run(lora_flags(backbones, train_data, tmp_path / "resumed", projector,
+                             resume_from_checkpoint=str(half), **common))
+    got = _losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) < 1e-6, (step, loss, ref[step])
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

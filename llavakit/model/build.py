@@ -173,9 +173,29 @@ def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_laye
                  num_image_tokens_for(vcfg, strategy), vcfg, strategy, layer)
 
 
+#: never quantised: the vision tower (frozen, and its features feed the projector), the projector (trains
+#: fully) and the output layer
+NOT_QUANTISED = ["vision_tower", "multi_modal_projector", "lm_head"]
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True, quant_type: str = "nf4"):
+    """bitsandbytes settings for QLoRA (``--bits 4|8``): the language model's linear layers only."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_type=quant_type,
+                                  llm_int8_skip_modules=NOT_QUANTISED)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTISED)
+
+
 def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
-                attn_implementation: str | None = None, trust_remote_code: bool = False):
-    """Load the weights: the LLaVA checkpoint as it is, or the LM + vision tower into a Llava shell."""
+                attn_implementation: str | None = None, trust_remote_code: bool = False, quantization=None,
+                device_map=None):
+    """Load the weights: the LLaVA checkpoint as it is, or the LM + vision tower into a Llava shell.
+
+    ``quantization`` (a :func:`quantization_config`) applies to the language model only, loaded onto
+    ``device_map``; the vision tower and the projector stay in ``dtype``."""
     from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -184,12 +204,13 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     tokenizer = parts.tokenizer
+    qkw = {"quantization_config": quantization, "device_map": device_map} if quantization is not None else {}
     if parts.kind == "llava-hf":
-        model = LlavaForConditionalGeneration.from_pretrained(parts.model_name_or_path, **kw)
+        model = LlavaForConditionalGeneration.from_pretrained(parts.model_name_or_path, **kw, **qkw)
     else:
         logger.info("loading language model %s", parts.model_name_or_path)
         llm = AutoModelForCausalLM.from_pretrained(parts.model_name_or_path, trust_remote_code=trust_remote_code,
-                                                   **kw)
+                                                   **kw, **qkw)
         logger.info("loading vision tower %s", parts.vision_tower)
         vkw = dict(kw)
         if attn_implementation == "flash_attention_2":
@@ -211,6 +232,11 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         model.lm_head = llm.get_output_embeddings()
         model.model.vision_tower = vision
         model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+        if quantization is not None:  # the quantised LM sits on its device; the rest joins it
+            device = next(llm.parameters()).device
+            vision.to(device)
+            model.model.multi_modal_projector.to(device)
+            model.lm_head.to(device)
         model.config.text_config = llm.config
         model.config.vision_config = vision.config
         if attn_implementation:

@@ -150,15 +150,27 @@ def run(argv: list[str]) -> RunResult:
     dataset, collator, template = build_data(model_args, data_args, train_args, tokenizer,
                                              parts.image_processor, parts.num_image_tokens)
     _init_deepspeed_comm(train_args)
-    model = build_model(parts, dtype=torch_dtype_for(train_args.bf16, train_args.fp16),
-                        cache_dir=train_args.cache_dir, attn_implementation=train_args.attn_implementation,
-                        trust_remote_code=model_args.trust_remote_code)
+    dtype = torch_dtype_for(train_args.bf16, train_args.fp16)
+    quant = None
+    if train_args.bits in (4, 8):
+        from llavakit.model.build import quantization_config
+
+        quant = quantization_config(train_args.bits, dtype, train_args.double_quant, train_args.quant_type)
+    model = build_model(parts, dtype=dtype, cache_dir=train_args.cache_dir,
+                        attn_implementation=train_args.attn_implementation,
+                        trust_remote_code=model_args.trust_remote_code, quantization=quant,
+                        device_map={"": train_args.local_process_index} if quant is not None else None)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model.model.multi_modal_projector, model_args.pretrain_mm_mlp_adapter)
         logger.info("projector loaded from %s", model_args.pretrain_mm_mlp_adapter)
     model.config.use_cache = False
     model.config.text_config.use_cache = False
 
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the other non-quantised weights in fp32 (as the original does)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # done below
     lora = False
     if train_args.lora_enable:
         from llavakit.model.lora import apply_lora
