@@ -50,10 +50,12 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_eval_score(args) -> int:
+    from llavakit.eval.run import judge_from_args
     from llavakit.eval.score import score_benchmark
 
     try:
-        result = score_benchmark(args.benchmark, args.answers_file, args.question_file, args.annotations)
+        result = score_benchmark(args.benchmark, args.answers_file, args.question_file, args.annotations,
+                                 judge=judge_from_args(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +64,22 @@ def cmd_eval_score(args) -> int:
     else:
         print(f"{args.benchmark}: {result['score']:.2f}")
     return 0
+
+
+def cmd_eval_run(args) -> int:
+    from llavakit.eval.run import main
+
+    try:
+        return main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    _opt(p, "judge-model", default=None, help="GPT judge for llava-bench / mm-vet (e.g. gpt-4-0314)")
+    _opt(p, "judge-base-url", default="https://api.openai.com/v1",
+         help="any OpenAI-compatible endpoint; the key is read from OPENAI_API_KEY")
 
 
 def _opt(p: argparse.ArgumentParser, name: str, **kw) -> None:
@@ -150,11 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                           required=True)
     p = ev.add_parser("score", help="score an answers file with LLaVA-1.5's rules")
     p.add_argument("--benchmark", required=True)
-    p.add_argument("--answers-file", "--answers_file", dest="answers_file", required=True)
-    p.add_argument("--question-file", "--question_file", dest="question_file", default=None)
+    _opt(p, "answers-file", required=True, nargs="+",
+         help="the answers file (llava-bench: one or more GPT review files)")
+    _opt(p, "question-file", default=None)
     p.add_argument("--annotations", default=None, help="ground-truth file or folder (per benchmark)")
     p.add_argument("--json", action="store_true")
+    _add_judge_args(p)
     p.set_defaults(func=cmd_eval_score)
+
+    p = ev.add_parser("run", help="predict with LLaVA-1.5's prompts and score, for one or more benchmarks")
+    _add_model_args(p)
+    p.add_argument("--benchmark", required=True, action="append",
+                   help="pope, mme, scienceqa, mmbench, llava-bench, textvqa, gqa, vqav2, vizwiz, seed, mm-vet "
+                        "(repeat or comma-separate)")
+    _opt(p, "data-root", default="./playground/data/eval")
+    _opt(p, "output-dir", default="./eval-results")
+    _opt(p, "batch-size", type=int, default=8)
+    _opt(p, "max-new-tokens", type=int, default=None, help="default: 128, or 1024 for open answers")
+    _opt(p, "model-id", default=None)
+    _add_judge_args(p)
+    p.set_defaults(func=cmd_eval_run)
 
     p = sub.add_parser("merge-lora", help="merge a LoRA run's adapter into its base: a plain LLaVA checkpoint")
     _opt(p, "model-path", required=True, help="the LoRA run's output directory")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llavakit.eval import mme, pope, scienceqa
+from llavakit.eval import llava_bench, mmbench, mme, pope, scienceqa, vqa
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "eval"
 needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference data not found at {REF}")
@@ -68,6 +68,66 @@ def test_scienceqa_reproduces_published_score():
     s = _cli("--benchmark", "scienceqa", "--answers-file", str(d / "answers-llava-v1.5-13b.jsonl"),
              "--question-file", str(d / "llava_test_CQM-A.json"))
     assert abs(s["score"] - 71.64) < 0.01 and abs(s["all_accuracy"] - 74.39) < 0.01
+
+
+@needs_ref
+def test_mmbench_reproduces_published_score():
+    d = REF / "mmbench"
+    s = _cli("--benchmark", "mmbench", "--answers-file", str(d / "answers-llava-v1.5-13b.jsonl"),
+             "--annotations", str(d / "submission-llava-v1.5-13b.xlsx"))
+    assert abs(s["score"] - 67.69) < 0.01 and s["questions"] == 1176 and s["rows"] == 4377
+
+
+@needs_ref
+def test_llava_bench_reproduces_published_scores():
+    d = REF / "llava-bench"
+    s13 = _cli("--benchmark", "llava-bench", "--answers-file",
+               *[str(d / f"llava-v1.5-13b-eval{i}.jsonl") for i in (1, 2, 3)])
+    assert [r["all"]["relative"] for r in s13["runs"].values()] == [72.8, 72.7, 72.1]
+    assert abs(s13["score"] - 72.53) < 0.01
+    s7 = _cli("--benchmark", "llava-bench", "--answers-file", *[str(d / f"llava-v1.5-7b-eval{i}.jsonl") for i in (1, 2, 3)])
+    assert abs(s7["score"] - 65.43) < 0.01  # the means are rounded before the ratio, as LLaVA's summary does
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Two dogs.", "2 dogs"), ("The Cat", "cat"), ("dont know", "don't know"), ("a red-car", "red car"),
+    ("1,000", "1000"), ("yes!", "yes"), ("it is 3.5", "it is 3.5"), ("Its raining", "its raining"),
+    ("hes here", "he's here"), ("  ten\n", "10"), ("well, done", "well done"), ("e.g. this", "eg this")])
+def test_vqa_answer_normalisation(text, expected):
+    assert vqa.normalize_answer(text) == expected
+
+
+def test_vqa_and_textvqa_accuracies_on_literal_cases():
+    assert vqa.soft_accuracy("Two", ["2", "2", "two", "x", "y", "z", "x", "y", "z", "w"]) == 1.0
+    assert abs(vqa.soft_accuracy("2", ["2", "2"] + ["x"] * 8) - 2 / 3) < 1e-9
+    assert vqa.soft_accuracy("cat", ["dog"] * 10) == 0.0
+    # leave-one-out: 3 of 10 agree → 7 subsets with all 3 (1.0) and 3 subsets with 2 (2/3)
+    assert abs(vqa.vqa_accuracy("2", ["2"] * 3 + ["x"] * 7) - (7 * 1.0 + 3 * 2 / 3) / 10) < 1e-9
+    assert vqa.gqa_prediction("Yes.") == "yes"
+
+
+@pytest.mark.parametrize("text,expected", [("B", "B"), ("B.", "B"), ("(C)", "C"), ("D) a dog", "D"),
+                                           ("cat", "A"), ("Cat.", "A"), ("E", None), ("I think B", None)])
+def test_mmbench_choice_rule(text, expected):
+    assert mmbench.parse_choice(text, [("A", "cat"), ("B", "dog"), ("C", "bird"), ("D", "fish")]) == expected
+
+
+def test_mmbench_circular_scoring(tmp_path):
+    rows = ["index\tquestion\tA\tB\tanswer\tcategory",
+            "1\tq1\tcat\tdog\tA\tx", "1000001\tq1\tdog\tcat\tB\tx",  # both copies right
+            "2\tq2\tred\tblue\tB\ty", "1000002\tq2\tblue\tred\tA\ty"]  # second copy wrong
+    (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n")
+    answers = [{"question_id": 1, "text": "A"}, {"question_id": 1000001, "text": "B"},
+               {"question_id": 2, "text": "B"}, {"question_id": 1000002, "text": "B"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    s = mmbench.score(str(tmp_path / "a.jsonl"), str(tmp_path / "dev.tsv"))
+    assert s["score"] == 50.0 and s["single_pass_accuracy"] == 100.0 and s["per_category"] == {"x": 100.0, "y": 0.0}
+
+
+def test_llava_bench_score_parsing():
+    assert llava_bench.parse_scores("8 9\nbecause") == [8.0, 9.0]
+    assert llava_bench.parse_scores("8, 9.5") == [8.0, 9.5]
+    assert llava_bench.parse_scores("Assistant 1: 8") == [-1.0, -1.0]
 
 
 def test_missing_inputs_are_clear_errors(tmp_path):

@@ -49,6 +49,7 @@ class DemoConfig:
     stage2_epochs: int = 5
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
+    single_turn: int = 5  # single-question records per training image, besides its conversation
 
 
 QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage1_epochs=2, stage2_epochs=5)
@@ -127,7 +128,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     p = Progress()
 
     p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)")
-    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed)
+    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed, cfg.single_turn)
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
     print(f"    {len(data['captions'])} caption records, "
@@ -136,11 +137,14 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
 
     p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)")
     from llavakit.data.images import ImageTransform, open_image
+    from llavakit.data.templates import VICUNA_SYSTEM
     from llavakit.demo.backbones import train_tokenizer
     from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
     from llavakit.demo.scenes import QUADRANT_ATTRIBUTES, quadrant_labels
 
-    tok = train_tokenizer(data["corpus"] * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
+    # the template's system prompt is text the model reads in every sample (Vicuna's tokenizer knows it)
+    tok = train_tokenizer(data["corpus"] * 2 + [VICUNA_SYSTEM] * 50, vocab_size=cfg.vocab_size,
+                          extra_special_tokens=[])
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, data["corpus"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, seed=seed, progress=p.loop("language model"))

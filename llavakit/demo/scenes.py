@@ -118,7 +118,8 @@ def _conv(*turns: str) -> list[dict]:
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
 
 
-def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
+def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int,
+                  single_turn: int = 5) -> dict:
     """Write images and the stage-1 / stage-2 / held-out record files under ``root``."""
     root = Path(root)
     rng = random.Random(seed)
@@ -147,6 +148,12 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
                 if i % 5 == 0:  # some conversations also ask for a description, as LLaVA's data does
                     turns += ["Describe the image briefly.", caption(scene)]
                 instruct.append({"id": f"vqa-{i}", "image": rel, "conversations": _conv(*turns)})
+                # and each question on its own: in a conversation, later answers can be read off earlier
+                # ones, so single questions are what teach reading the image (an image may recur in
+                # several records, as COCO images do in LLaVA's mix)
+                for k, (_, q, a) in enumerate(qs[:single_turn]):
+                    first = f"<image>\n{q}" if rng.random() < 0.5 else f"{q}\n<image>"
+                    instruct.append({"id": f"vqa-{i}-{k}", "image": rel, "conversations": _conv(first, a)})
                 if i % 10 == 0:
                     q, a = STORIES[(i // 10) % len(STORIES)]
                     instruct.append({"id": f"txt-{i}", "conversations": _conv(q, a)})

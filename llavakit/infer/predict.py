@@ -46,9 +46,10 @@ def read_questions(path: str, image_folder: str | None) -> list[dict]:
                 raise QuestionFileError(f"{path}:{lineno}: not JSON ({e.msg})") from None
             if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("text"), str):
                 raise QuestionFileError(f"{path}:{lineno}: a question needs 'question_id' and a 'text' string")
-            if q["question_id"] in seen:
-                raise QuestionFileError(f"{path}:{lineno}: question_id {q['question_id']!r} repeats")
-            seen.add(q["question_id"])
+            key = question_key(q)
+            if key in seen:
+                raise QuestionFileError(f"{path}:{lineno}: question {q['question_id']!r} repeats (same id and text)")
+            seen.add(key)
             if q.get("image"):
                 img = os.path.join(image_folder, q["image"]) if image_folder else q["image"]
                 if not os.path.isfile(img):
@@ -59,8 +60,16 @@ def read_questions(path: str, image_folder: str | None) -> list[dict]:
     return out
 
 
+def question_key(q: dict, text_field: str = "text") -> tuple:
+    """What identifies a question: its id and its text (MME asks two questions under one image id). An
+    answer line holds the question's text as ``prompt``."""
+    qid = q["question_id"]
+    return (json.dumps(qid) if isinstance(qid, (list, dict)) else qid, q.get(text_field))
+
+
 def answered_ids(path: str) -> set:
-    """Ids already answered; a last line cut short by a crash is removed from the file."""
+    """Questions already answered (see :func:`question_key`); a last line cut short by a crash is removed
+    from the file."""
     if not os.path.isfile(path):
         return set()
     with open(path, "rb") as f:
@@ -70,7 +79,7 @@ def answered_ids(path: str) -> set:
     for lineno, line in enumerate(data[:good_end].splitlines(), 1):
         if line.strip():
             try:
-                ids.add(json.loads(line)["question_id"])
+                ids.add(question_key(json.loads(line), "prompt"))
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise QuestionFileError(f"{path}:{lineno}: not an answer line; give a new --answers-file "
                                         "or remove this one") from None
@@ -93,7 +102,7 @@ def predict(predictor, questions: list[dict], answers_file: str, *, model_id: st
     from llavakit.infer.generate import Query
 
     done = answered_ids(answers_file)
-    todo = [q for q in questions if q["question_id"] not in done]
+    todo = [q for q in questions if question_key(q) not in done]
     if done:
         logger.info("%s: %d of %d questions already answered; continuing", answers_file,
                     len(questions) - len(todo), len(questions))
@@ -124,7 +133,8 @@ def main(args) -> int:
         logger.info("chunk %d of %d is empty; nothing to do", args.chunk_idx, args.num_chunks)
         open(args.answers_file, "a").close()
         return 0
-    if answered_ids(args.answers_file) >= {q["question_id"] for q in questions}:
+    keys = {question_key(q) for q in questions}
+    if answered_ids(args.answers_file) >= keys:
         print(f"{args.answers_file}: all {len(questions)} questions already answered")
         return 0
     predictor = Predictor.from_pretrained(args.model_path, model_base=args.model_base, device=args.device,
@@ -132,7 +142,7 @@ def main(args) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         num_beams=args.num_beams)
     bar = tqdm(total=len(questions), desc="predict", unit="q")
-    bar.update(len(answered_ids(args.answers_file) & {q["question_id"] for q in questions}))
+    bar.update(len(answered_ids(args.answers_file) & keys))
 
     def progress(done: int, total: int) -> None:
         bar.n = len(questions) - total + done
