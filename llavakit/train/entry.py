@@ -123,6 +123,7 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
 class RunResult:
     summary: dict
     trainer: Any
+    stopped: str | None = None  # the signal that stopped the run early (a checkpoint was saved)
 
 
 def run(argv: list[str]) -> RunResult:
@@ -150,6 +151,10 @@ def run(argv: list[str]) -> RunResult:
     dataset, collator, template = build_data(model_args, data_args, train_args, tokenizer,
                                              parts.image_processor, parts.num_image_tokens)
     _init_deepspeed_comm(train_args)
+    from transformers import enable_full_determinism, set_seed
+
+    # --seed decides the new weights (projector, new embedding rows) too, not only the data order
+    (enable_full_determinism if train_args.full_determinism else set_seed)(train_args.seed)
     dtype = torch_dtype_for(train_args.bf16, train_args.fp16)
     quant = None
     if train_args.bits in (4, 8):
@@ -186,14 +191,31 @@ def run(argv: list[str]) -> RunResult:
         train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
 
     from llavakit.train.callbacks import SummaryCallback
+    from llavakit.train.checkpoints import StopOnSignal, StopRequest
     from llavakit.train.trainer import LlavaTrainer
 
     trainer = LlavaTrainer(model=model, args=train_args, train_dataset=dataset, data_collator=collator,
                            processing_class=tokenizer, stage=stage)
     summary_cb = SummaryCallback(trainer)
     trainer.add_callback(summary_cb)
-    result = trainer.train(resume_from_checkpoint=resume)
+    stop = StopRequest()
+    stop_cb = StopOnSignal(trainer, stop)
+    trainer.add_callback(stop_cb)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.uninstall()
     trainer.save_state()
+    if stop_cb.stopped_at is not None:
+        ckpt = os.path.join(train_args.output_dir, f"checkpoint-{stop_cb.stopped_at}")
+        if train_args.process_index == 0:
+            print(f"llavakit train: stopped by {stop.signal_name} at step {stop_cb.stopped_at}; checkpoint "
+                  f"saved to {ckpt}. Continue with the same command plus --resume_from_checkpoint latest",
+                  flush=True)
+        _finish_distributed()
+        return RunResult({"stopped_by": stop.signal_name, "step": stop_cb.stopped_at, "checkpoint": ckpt},
+                         trainer, stopped=stop.signal_name)
 
     from llavakit.train.export import save_final
 
@@ -226,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run(argv)
+        result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
             ProjectorFileError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on
+        return 130 if result.stopped == "SIGINT" else 143
     return 0
 
 

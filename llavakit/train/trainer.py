@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from functools import partial
 
 import torch
@@ -125,6 +126,39 @@ class LlavaTrainer(Trainer):
         save_projector(state, output_dir)
         self.llava.config.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging directory and published by an atomic rename
+        once every rank is done; older checkpoints rotate only after that (see ``checkpoints.py``)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import rotate_checkpoints as rotate
+
+        from llavakit.train.checkpoints import STAGING, publish
+
+        run_dir = super()._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left by a run killed mid-save
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self._staging_dir = staging
+        try:
+            self.args.save_total_limit = None  # rotation waits until the new checkpoint is complete
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(os.path.join(staging, name), os.path.join(run_dir, name))
+            rotate(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                   use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         has_weights = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES)
