@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -20,8 +21,10 @@ def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _encoder(args):
     from llavakit.data.templates import get_template
     from llavakit.data.tokenize import ConversationEncoder, load_tokenizer
+    from llavakit.model.build import prepare_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
+    prepare_tokenizer(tok, mm_use_im_start_end=args.mm_use_im_start_end)  # as training prepares it
     return ConversationEncoder(tok, get_template(args.version, tok), args.num_image_tokens,
                                mm_use_im_start_end=args.mm_use_im_start_end)
 
@@ -41,12 +44,87 @@ def cmd_data_check(args) -> int:
 
     enc = _encoder(args) if args.tokenizer else None
     report = run_check(args.data_path, args.image_folder, enc, args.model_max_length,
-                       progress=not args.json and sys.stderr.isatty())
+                       progress=not args.json and sys.stderr.isatty(), workers=args.workers,
+                       min_image_size=args.min_image_size)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
         print(report.summary())
     return 1 if report.problems else 0
+
+
+def cmd_data_download(args) -> int:
+    from llavakit.data import download as dl
+
+    sets = dl.expand_sets(args.sets) if args.sets else []
+    if not sets and not args.manifest:
+        print("error: name a set (" + ", ".join(dl.SET_NAMES) + ") or give --manifest", file=sys.stderr)
+        return 2
+    specs = [f for name in sets if name != "ocrvqa" for f in dl.NAMED_SETS[name]]
+    if args.manifest:
+        specs += dl.read_manifest(args.manifest)
+    if "ocrvqa" in sets and not args.ocrvqa_json and not args.dry_run:
+        print("error: ocrvqa: give --ocrvqa-json, OCR-VQA's dataset.json (from the OCR-VQA project page); its "
+              "images are then fetched from the URLs it lists", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        rows = dl.plan(specs, args.root)
+        for r in rows:
+            size = f"{r['size'] / 2**30:.1f} GiB" if r["size"] else "size unknown"
+            unpack = f" → unpacked into {r['unpack']}" if r["unpack"] else ""
+            print(f"[{r['state']:>7}] {r['url']}\n          → {r['dest']} ({size}){unpack}")
+        if "ocrvqa" in sets:
+            print(f"[  ocrvqa] images listed in {args.ocrvqa_json or '<--ocrvqa-json>'} → "
+                  f"{os.path.join(args.root, 'ocr_vqa', 'images')}/<id>.jpg")
+        return 0
+    dl.fetch_all(specs, args.root, retries=args.retries, timeout=args.timeout)
+    if "ocrvqa" in sets:
+        from llavakit.data.ocrvqa import download_images
+
+        report = download_images(args.ocrvqa_json, args.root, workers=args.workers, timeout=args.timeout)
+        print(json.dumps(report))
+        return 1 if report["failed"] else 0
+    return 0
+
+
+def cmd_data_unpack(args) -> int:
+    from llavakit.data.unpack import unpack
+
+    for archive in args.archives:
+        dest = args.dest or os.path.dirname(os.path.abspath(archive))
+        unpack(archive, dest)
+        print(f"{archive} → {dest}")
+    return 0
+
+
+def cmd_data_fix_ocrvqa(args) -> int:
+    from llavakit.data.ocrvqa import fix_missing
+
+    report = fix_missing(args.data_path, args.image_folder, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report))
+        return 1 if report["still_missing"] else 0
+    verb = "would " if args.dry_run else ""
+    for c in report["changed"][:20]:
+        print(f"{verb}{c['action']} {c['from']} → {c['to']} ({c['format']})")
+    if len(report["changed"]) > 20:
+        print(f"... and {len(report['changed']) - 20} more")
+    print(f"{len(report['changed'])} image(s) {verb}fixed, {len(report['still_missing'])} still missing")
+    return 1 if report["still_missing"] else 0
+
+
+def cmd_data_convert(args) -> int:
+    from llavakit.data.records import convert_records
+
+    store, valid, problems = convert_records(args.data_path, args.output)
+    print(f"{args.data_path} → {args.output}: {len(store)} records, {len(valid)} valid, {len(problems)} problem(s)")
+    if args.tokenizer:
+        from llavakit.data.dataset import encode_lengths
+
+        encode_lengths(store, valid, _encoder(args), cache_dir=args.output, progress=sys.stderr.isatty())
+        print(f"token lengths stored in {os.path.join(args.output, 'lengths')} (train with --data_path "
+              f"{args.output} and the same tokenizer, --version and image tokens to use them)")
+    return 0
 
 
 def cmd_eval_score(args) -> int:
@@ -161,8 +239,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", required=True)
     p.add_argument("--image_folder", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: all cores)")
+    p.add_argument("--min_image_size", type=int, default=1, help="smallest acceptable side, in pixels")
     _add_encoder_args(p, required=False)
     p.set_defaults(func=cmd_data_check)
+
+    from llavakit.data.download import SET_NAMES
+
+    p = data.add_parser("download", help="fetch LLaVA-1.5's data into the original layout (resumable)")
+    p.add_argument("sets", nargs="*", help=", ".join(SET_NAMES))
+    p.add_argument("--root", default="./playground/data")
+    p.add_argument("--manifest", default=None, help='JSON {"files": [{"url", "path", "sha256"?, "unpack"?}]}')
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
+    _opt(p, "ocrvqa-json", default=None, help="OCR-VQA's dataset.json (image URLs)")
+    p.add_argument("--workers", type=int, default=16, help="concurrent OCR-VQA image downloads")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without a byte before retrying")
+    p.set_defaults(func=cmd_data_download)
+
+    p = data.add_parser("unpack", help="unpack zip / tar archives (idempotent, refuses unsafe members)")
+    p.add_argument("archives", nargs="+")
+    p.add_argument("--dest", default=None, help="default: the archive's folder")
+    p.set_defaults(func=cmd_data_unpack)
+
+    p = data.add_parser("fix-ocrvqa", help="give missing images their expected names (rename or convert)")
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--image_folder", required=True)
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_fix_ocrvqa)
+
+    p = data.add_parser("convert", help="write records in the memory-mapped form training opens directly")
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--output", required=True)
+    _add_encoder_args(p, required=False)
+    p.set_defaults(func=cmd_data_convert)
 
     ev = sub.add_parser("eval", help="evaluate on the LLaVA-1.5 benchmarks").add_subparsers(dest="eval_cmd",
                                                                                           required=True)
@@ -252,14 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from llavakit.data.download import DownloadError
     from llavakit.data.records import RecordFileError
     from llavakit.data.templates import TemplateError
+    from llavakit.data.unpack import UnsafeArchiveError
     from llavakit.infer.predict import QuestionFileError
     from llavakit.model.build import ModelLoadError
 
     try:
         return int(args.func(args) or 0)
-    except (RecordFileError, TemplateError, ModelLoadError, QuestionFileError) as e:
+    except (RecordFileError, TemplateError, ModelLoadError, QuestionFileError, DownloadError, UnsafeArchiveError,
+            ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

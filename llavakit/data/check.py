@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llavakit.data.dataset import build_sample_index, resolve_image
@@ -46,41 +45,79 @@ class CheckReport:
             lines.append(f"  {kind}: {len(probs)}")
             lines += [f"    {p.message}" for p in probs[:examples]]
         for k, v in self.extra.items():
-            lines.append(f"  {k}: {json.dumps(v)}")
+            if k != "per_source":
+                lines.append(f"  {k}: {json.dumps(v)}")
+        per = self.extra.get("per_source") or {}
+        if per:
+            lines.append(f"  {'source':<14}{'records':>9}{'problems':>10}{'median tok':>12}{'p99 tok':>9}"
+                         f"{'truncated':>11}")
+            for src, st in per.items():
+                tl = st.get("token_lengths", {})
+                lines.append(f"  {src:<14}{st['records']:>9}{sum(st['problems'].values()):>10}"
+                             f"{tl.get('median', '-'):>12}{tl.get('p99', '-'):>9}{st.get('truncated', '-'):>11}")
         if not self.problems:
             lines.append("  no problems found")
         return "\n".join(lines)
 
 
-def _check_image(args: tuple[int, str | None, str]) -> Problem | None:
-    index, rid, path = args
+def _check_image(args: tuple[int, str | None, str, int]) -> Problem | None:
+    index, rid, path, min_size = args
     try:
-        open_image(path)
+        im = open_image(path)  # decodes every pixel: a truncated file fails here
     except ImageLoadError as e:
         kind = "missing_image" if "not found" in str(e) else "bad_image"
         return Problem(index, rid, kind, f"record {index} (id={rid!r}), field 'image': {e}")
+    if min(im.size) < min_size:
+        return Problem(index, rid, "tiny_image", f"record {index} (id={rid!r}), field 'image': {path} is "
+                       f"{im.size[0]}x{im.size[1]} px, under --min_image_size {min_size}")
     return None
 
 
+def source_of(images: list[str]) -> str:
+    """The data source a record comes from: the first folder of its image path (coco, gqa, ocr_vqa,
+    textvqa, vg, ...), or text-only."""
+    if not images:
+        return "text-only"
+    parts = images[0].replace("\\", "/").lstrip("/").split("/")
+    return parts[0] if len(parts) > 1 else "(top level)"
+
+
 def check_images(store: RecordStore, indices: list[int], image_folder: str, workers: int | None = None,
-                 progress: bool = False) -> list[Problem]:
+                 progress: bool = False, min_size: int = 1) -> list[Problem]:
+    """Decode every image of the given records, over ``workers`` processes."""
     jobs = []
     for i in indices:
         rec = parse_record(store, i)
         for p in rec.images:
-            jobs.append((i, rec.id, resolve_image(image_folder, p)))
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(_check_image, jobs, chunksize=64)
-        if progress:
-            from tqdm.auto import tqdm
+            jobs.append((i, rec.id, resolve_image(image_folder, p), min_size))
+    workers = workers or os.cpu_count() or 1
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(jobs), desc="checking images", unit="img", mininterval=1.0)
-        return [p for p in results if p is not None]
+        bar = tqdm(total=len(jobs), desc="checking images", unit="img", mininterval=1.0)
+    out = []
+    if workers > 1 and len(jobs) > 256:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for p in pool.map(_check_image, jobs, chunksize=64):
+                out.append(p)
+                if bar:
+                    bar.update()
+    else:
+        for job in jobs:
+            out.append(_check_image(job))
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    return [p for p in out if p is not None]
 
 
 def run_check(data_path: str, image_folder: str | None = None, encoder=None,
-              model_max_length: int | None = None, progress: bool = False) -> CheckReport:
+              model_max_length: int | None = None, progress: bool = False, workers: int | None = None,
+              min_image_size: int = 1) -> CheckReport:
     try:
         store = RecordStore.load(data_path)
     except RecordFileError as e:
@@ -89,20 +126,47 @@ def run_check(data_path: str, image_folder: str | None = None, encoder=None,
         return report
     valid, problems = validate_store(store)
     report = CheckReport(source=store.source, total=len(store), problems=list(problems))
+    sources = {i: source_of(parse_record(store, i).images) for i in valid}
     if image_folder is not None:
-        report.problems += check_images(store, valid, image_folder, progress=progress)
+        report.problems += check_images(store, valid, image_folder, workers=workers, progress=progress,
+                                        min_size=min_image_size)
+        report.extra["missing_images"] = sum(p.kind == "missing_image" for p in report.problems)
+    per_source: dict[str, dict] = {}
+    for src in sources.values():
+        per_source.setdefault(src, {"records": 0, "problems": {}})["records"] += 1
+    for p in report.problems:
+        if p.index in sources:
+            kinds = per_source[sources[p.index]]["problems"]
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
     if encoder is not None:
+        import numpy as np
+
         index = build_sample_index(store, valid, encoder, model_max_length, progress=progress)
         for s in index.skipped:
             report.problems.append(Problem(s["index"], s["id"], s["kind"], s["message"]))
+            if s["index"] in sources:
+                kinds = per_source[sources[s["index"]]]["problems"]
+                kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
         lengths = index.full_lengths
         if len(lengths):
-            import numpy as np
-
-            report.extra["token_lengths"] = {
-                "mean": round(float(lengths.mean()), 1), "median": int(np.median(lengths)),
-                "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)),
-                "max": int(lengths.max())}
+            report.extra["token_lengths"] = _length_stats(lengths)
         report.extra["truncated"] = index.num_truncated
+        by_src: dict[str, list[int]] = {}
+        truncated: dict[str, int] = {}
+        for k, ridx in enumerate(index.record_idx.tolist()):
+            src = sources[ridx]
+            by_src.setdefault(src, []).append(int(index.full_lengths[k]))
+            truncated[src] = truncated.get(src, 0) + int(index.full_lengths[k] > index.lengths[k])
+        for src, ls in by_src.items():
+            per_source[src]["token_lengths"] = _length_stats(np.asarray(ls))
+            per_source[src]["truncated"] = truncated[src]
+    report.extra["per_source"] = dict(sorted(per_source.items()))
     report.problems.sort(key=lambda p: (p.index, p.kind))
     return report
+
+
+def _length_stats(lengths) -> dict:
+    import numpy as np
+
+    return {"mean": round(float(lengths.mean()), 1), "median": int(np.median(lengths)),
+            "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)), "max": int(lengths.max())}

@@ -81,15 +81,19 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
     message is in ``errors``). Cached under ``cache_dir`` keyed by the file, tokenizer and template.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / "lengths" / f"{_cache_key(store, encoder)}.npz"
+    key = _cache_key(store, encoder)
+    path = cache / "lengths" / f"{key}.npz"
     valid_arr = np.asarray(valid, dtype=np.int64)
-    if path.is_file():
-        try:
-            data = dict(np.load(path, allow_pickle=False))
-            if np.array_equal(data["record_idx"], valid_arr):
-                return data
-        except (OSError, ValueError, KeyError):
-            logger.warning("ignoring unreadable length cache %s", path)
+    # a converted record directory may carry its lengths (``llavakit data convert --tokenizer``)
+    candidates = [path] + ([Path(store.source) / "lengths" / f"{key}.npz"] if Path(store.source).is_dir() else [])
+    for cand in candidates:
+        if cand.is_file():
+            try:
+                data = dict(np.load(cand, allow_pickle=False))
+                if np.array_equal(data["record_idx"], valid_arr):
+                    return data
+            except (OSError, ValueError, KeyError):
+                logger.warning("ignoring unreadable length cache %s", cand)
     n = len(valid)
     full = np.zeros(n, np.int64)
     image_end = np.zeros(n, np.int64)

@@ -323,10 +323,49 @@ def validate_store(store: RecordStore) -> tuple[list[int], list[Problem]]:
     return valid, problems
 
 
-def load_records(path: str | os.PathLike, strict: bool = True) -> tuple[RecordStore, list[int], list[Problem]]:
-    """Read and validate a record file. With ``strict``, any error-level problem raises."""
+VALID = "valid.npy"
+PROBLEMS = "problems.jsonl"
+
+
+def convert_records(path: str | os.PathLike, directory: str | os.PathLike) -> tuple[RecordStore, list[int],
+                                                                                   list[Problem]]:
+    """Write ``path`` as a memory-mappable record directory, validated once: the valid indices and the
+    problems are stored beside the records, so opening it needs no pass over the records."""
     store = RecordStore.load(path)
     valid, problems = validate_store(store)
+    d = Path(directory)
+    store.save(d)
+    np.save(d / VALID, np.asarray(valid, dtype=np.int64))
+    with open(d / PROBLEMS, "w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_dict()) + "\n")
+    meta = json.loads((d / RecordStore.META).read_text())
+    (d / RecordStore.META).write_text(json.dumps({**meta, "validated": True, "valid": len(valid),
+                                                  "problems": len(problems)}))
+    return RecordStore.open(d), valid, problems
+
+
+def _stored_validation(store: RecordStore) -> tuple[list[int], list[Problem]] | None:
+    d = Path(store.source)
+    if not (d.is_dir() and (d / VALID).is_file() and (d / PROBLEMS).is_file()):
+        return None
+    valid = np.load(d / VALID).tolist()
+    problems = []
+    with open(d / PROBLEMS, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                x = json.loads(line)
+                problems.append(Problem(x["index"], x.get("id"), x["kind"], x["message"],
+                                        x.get("severity", "error")))
+    return valid, problems
+
+
+def load_records(path: str | os.PathLike, strict: bool = True) -> tuple[RecordStore, list[int], list[Problem]]:
+    """Read and validate a record file (a converted directory carries its validation). With ``strict``,
+    any error-level problem raises."""
+    store = RecordStore.load(path)
+    stored = _stored_validation(store)
+    valid, problems = stored if stored is not None else validate_store(store)
     if strict and any(p.severity == "error" for p in problems):
         raise InvalidRecordsError(store.source, problems)
     return store, valid, problems

@@ -49,7 +49,7 @@ class DemoConfig:
     stage2_epochs: int = 5
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
-    single_turn: int = 5  # single-question records per training image, besides its conversation
+    single_turn: int = 0  # single-question records per training image, besides its conversation
 
 
 QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage1_epochs=2, stage2_epochs=5)
