@@ -114,10 +114,24 @@ def test_load_records_strict_raises_with_every_problem(tmp_path, sample_records)
     assert valid == [0, 1, 2, 3] and [p.kind for p in probs] == ["empty_answer"]
 
 
-def test_store_saves_and_memory_maps(tmp_path, sample_records):
+def test_converted_store_reads_from_disk_in_forked_workers(tmp_path, sample_records):
     store = RecordStore.load(write_json(tmp_path / "r.json", sample_records))
     store.save(tmp_path / "conv")
     back = RecordStore.load(tmp_path / "conv")
     assert list(back) == sample_records
     assert json.loads((tmp_path / "conv" / "meta.json").read_text())["num_records"] == 4
-    assert back.offsets.__class__.__name__ == "memmap"
+    from llavakit.data.records import FileBuffer
+
+    assert isinstance(back.buffer, FileBuffer)  # left on disk: nothing loaded
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked data-loader worker opens its own descriptor
+        os.write(w, json.dumps(back.raw(3)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert json.loads(os.read(r, 100000)) == sample_records[3] and back.raw(0) == sample_records[0]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(back)).raw(2) == sample_records[2]  # spawned workers too

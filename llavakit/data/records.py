@@ -140,8 +140,33 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[Any]:
             ) from None
 
 
+class FileBuffer:
+    """A record buffer left on disk: each record is one ``pread`` (no mapping, so a data-loader worker's
+    memory does not grow with what it has read; the page cache is shared by all processes)."""
+
+    def __init__(self, path: str | os.PathLike, size: int):
+        self.path = str(path)
+        self.size = size
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def read(self, start: int, end: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, end - start, start)
+
+    def tofile(self, path) -> None:
+        import shutil
+
+        shutil.copyfile(self.path, path)
+
+    def __getstate__(self):  # picklable for spawned workers: the descriptor is reopened there
+        return {"path": self.path, "size": self.size, "_fd": None, "_pid": None}
+
+
 class RecordStore:
-    """Records as compact JSON in one uint8 buffer + int64 offsets (in memory or memory-mapped)."""
+    """Records as compact JSON in one byte buffer + int64 offsets: in memory (from a JSON file) or left on
+    disk (a converted directory, read record by record)."""
 
     BUFFER = "records.bin"
     OFFSETS = "offsets.npy"
@@ -188,8 +213,8 @@ class RecordStore:
                                   "pass a .json/.jsonl file or run `llavakit data convert`")
         offsets = np.load(d / cls.OFFSETS, mmap_mode="r")
         size = int(offsets[-1])
-        buf = (np.memmap(d / cls.BUFFER, dtype=np.uint8, mode="r", shape=(size,)) if size
-               else np.zeros(0, np.uint8))
+        offsets = np.ascontiguousarray(offsets)  # 8 bytes per record, read on every access
+        buf = FileBuffer(d / cls.BUFFER, size) if size else np.zeros(0, np.uint8)
         return cls(buf, offsets, str(d))
 
     def __len__(self) -> int:
@@ -197,6 +222,8 @@ class RecordStore:
 
     def raw(self, i: int) -> Any:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        if isinstance(self.buffer, FileBuffer):
+            return json.loads(self.buffer.read(start, end))
         return json.loads(self.buffer[start:end].tobytes())
 
     def __iter__(self) -> Iterator[Any]:
