@@ -77,6 +77,13 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over in an output dir that already holds checkpoints"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
+    packing: bool = field(default=False, metadata={
+        "help": "concatenate each micro-batch's samples without padding, attention kept within each sample"})
+    packing_max_length: int | None = field(default=None, metadata={
+        "help": "longest packed row (default: one row per micro-batch; with sdpa/eager, e.g. "
+                "--model_max_length, which bounds the attention mask)"})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "the accelerator's peak dense TFLOPS at the training dtype, for MFU (known GPUs are detected)"})
     logging_dir: str | None = field(default=None, metadata={
         "help": "TensorBoard log directory (older transformers' flag; default: under output_dir)"})
 
@@ -215,6 +222,9 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
             errors.append(f"--bits {t.bits} cannot be combined with ZeRO-3; use ZeRO-2 (scripts/zero2.json)")
         if t.quant_type not in ("nf4", "fp4"):
             errors.append(f"--quant_type {t.quant_type!r}: use nf4 or fp4")
+    if t.packing_max_length is not None and t.packing_max_length < t.model_max_length:
+        errors.append(f"--packing_max_length {t.packing_max_length} is shorter than --model_max_length "
+                      f"{t.model_max_length}: a sample must fit a packed row")
     if t.lora_bias not in ("none", "all", "lora_only"):
         errors.append(f"--lora_bias {t.lora_bias!r}: use none, all or lora_only")
     if t.model_max_length < 8:

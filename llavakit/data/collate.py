@@ -1,9 +1,20 @@
-"""Collate samples into right-padded batches that ``LlavaForConditionalGeneration`` accepts.
+"""Collate samples into batches that ``LlavaForConditionalGeneration`` accepts: padded, or packed.
 
-``attention_mask`` comes from the sample lengths (never from comparing ids to the pad id, which breaks
-when pad == eos). ``pixel_values`` holds the batch's images stacked in sample order, and is absent when
-no sample has one. Images arrive as uint8; with ``normalize=True`` the collator turns them into float32
-(bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
+Padded (the original's way): one row per sample, right-padded to the longest; ``attention_mask`` comes
+from the sample lengths (never from comparing ids to the pad id, which breaks when pad == eos).
+
+Packed (``--packing``): the same samples, concatenated into as few rows as fit ``packing_max_length``
+tokens (one row when it is None), with ``position_ids`` restarting at 0 for every sample and no attention
+mask — which makes the attention block-diagonal (FlashAttention-2 varlen on GPU; SDPA / eager build the
+block mask from the positions when the model runs without a cache). The first label of every sample is
+ignored, so no sample is trained to predict its first token from the previous sample. The same samples
+per step, the same supervised tokens: only the padding goes.
+
+``pixel_values`` holds the images stacked in the order their samples appear in the rows, and is absent
+when no sample has one. Images arrive as uint8; with ``normalize=True`` the collator turns them into
+float32 (bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
+Every batch carries ``num_real_tokens`` (the tokens that are not padding) and ``num_samples`` for
+throughput accounting; the trainer removes them before the forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +34,51 @@ class LlavaCollator:
     normalize: bool = True
     pad_to_multiple_of: int | None = None
 
+    packing: bool = False
+    packing_max_length: int | None = None
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self._packed(features)
+        return self._padded(features)
+
+    def _images(self, batch: dict, features: list[dict]) -> dict:
+        images = [f["images"] for f in features if f.get("images") is not None]
+        if images:
+            pixels = torch.cat(images, dim=0)
+            if self.normalize:
+                if self.transform is None:
+                    raise ValueError("LlavaCollator needs the ImageTransform to normalise images")
+                pixels = self.transform.normalize(pixels)
+            batch["pixel_values"] = pixels
+        return batch
+
+    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = pack_rows(lengths, self.packing_max_length)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            pos = 0
+            for i in row:
+                length = lengths[i]
+                input_ids[r, pos:pos + length] = features[i]["input_ids"]
+                labels[r, pos:pos + length] = features[i]["labels"]
+                labels[r, pos] = IGNORE_INDEX
+                position_ids[r, pos:pos + length] = torch.arange(length)
+                pos += length
+            position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a sequence of its own
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 "num_real_tokens": torch.tensor(sum(lengths)), "num_samples": torch.tensor(len(features))}
+        return self._images(batch, [features[i] for row in rows for i in row])
+
+    def _padded(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths)
         if self.pad_to_multiple_of:
@@ -37,13 +92,24 @@ class LlavaCollator:
             input_ids[i, :length] = f["input_ids"]
             labels[i, :length] = f["labels"]
             attention_mask[i, :length] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        images = [f["images"] for f in features if f.get("images") is not None]
-        if images:
-            pixels = torch.cat(images, dim=0)
-            if self.normalize:
-                if self.transform is None:
-                    raise ValueError("LlavaCollator needs the ImageTransform to normalise images")
-                pixels = self.transform.normalize(pixels)
-            batch["pixel_values"] = pixels
-        return batch
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "num_real_tokens": torch.tensor(sum(lengths)), "num_samples": torch.tensor(n)}
+        return self._images(batch, features)
+
+
+def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Sample indices per row: all in one row (in order) without a capacity; else first-fit decreasing."""
+    if capacity is None or sum(lengths) <= capacity:
+        return [list(range(len(lengths)))]
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, load in enumerate(loads):
+            if load + lengths[i] <= capacity:
+                rows[r].append(i)
+                loads[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            loads.append(lengths[i])
+    return rows

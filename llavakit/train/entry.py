@@ -113,7 +113,8 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
                            report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT),
                            max_bad_fraction=data_args.max_bad_fraction)
-    collator = LlavaCollator(tokenizer.pad_token_id, transform)
+    collator = LlavaCollator(tokenizer.pad_token_id, transform, packing=train_args.packing,
+                             packing_max_length=train_args.packing_max_length)
     logger.info("data: %d records, %d train (%d with images), %d skipped, %d truncated", len(store),
                 len(dataset), int(index.has_image.sum()), len(index.skipped), index.num_truncated)
     return dataset, collator, template
@@ -198,6 +199,11 @@ def run(argv: list[str]) -> RunResult:
                            processing_class=tokenizer, stage=stage)
     summary_cb = SummaryCallback(trainer)
     trainer.add_callback(summary_cb)
+    from llavakit.train.throughput import MeterCallback, ModelFlops, ThroughputMeter, detect_peak_tflops
+
+    trainer.meter = ThroughputMeter(trainer, ModelFlops.of(model, parts.num_image_tokens),
+                                    train_args.peak_tflops or detect_peak_tflops())
+    trainer.add_callback(MeterCallback(trainer.meter))
     stop = StopRequest()
     stop_cb = StopOnSignal(trainer, stop)
     trainer.add_callback(stop_cb)

@@ -6,7 +6,7 @@ that skips them issues different all-gathers than its peers and the run hangs (L
 
 The fix makes a text-only micro-batch take the very same path as an image batch: one dummy image
 (zeros) is added, and its image-token block is appended to the first row *in the padding area* —
-attention mask 0, labels -100, after every real token. Causal attention means no real token can see it
+attention mask 0 (or, packed, a position run of its own), labels -100, after every real token. Causal attention means no real token can see it
 and the loss ignores it, so the loss is unchanged; but the vision tower and projector run, in the same
 order as on every other rank, and the projector receives its (zero) gradient.
 """
@@ -33,6 +33,10 @@ def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, im
         mask = inputs["attention_mask"]
         out["attention_mask"] = torch.cat([mask, torch.zeros((n, num_image_tokens), dtype=mask.dtype,
                                                              device=mask.device)], dim=1)
+    if "position_ids" in inputs:  # packed: the dummy block is a sequence of its own
+        pos = inputs["position_ids"]
+        extra = torch.arange(num_image_tokens, dtype=pos.dtype, device=pos.device).expand(n, -1)
+        out["position_ids"] = torch.cat([pos, extra], dim=1)
     if "labels" in inputs:
         labels = inputs["labels"]
         out["labels"] = torch.cat([labels, torch.full((n, num_image_tokens), IGNORE_INDEX, dtype=labels.dtype,

@@ -54,8 +54,11 @@ class LlavaTrainer(Trainer):
         self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": cfg.image_seq_length,
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # real (non-padding) tokens
+        self.tokens_processed = 0  # every position the model ran, padding included
         self.samples_seen = 0
+        self.images_seen = 0
+        self.meter = None  # a ThroughputMeter: rates and MFU added to every training log
 
     # ---- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -101,14 +104,28 @@ class LlavaTrainer(Trainer):
 
     # ---- step -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and "attention_mask" in inputs:
-            self.tokens_seen += int(inputs["attention_mask"].sum())
-            self.samples_seen += int(inputs["attention_mask"].shape[0])
+        inputs = dict(inputs)
+        real = inputs.pop("num_real_tokens", None)
+        num_samples = inputs.pop("num_samples", None)
+        if model.training:
+            if real is not None:
+                self.tokens_seen += int(real)
+            elif "attention_mask" in inputs:
+                self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.samples_seen += int(num_samples) if num_samples is not None else int(inputs["input_ids"].shape[0])
+            self.tokens_processed += int(inputs["input_ids"].numel())
+            if inputs.get("pixel_values") is not None:
+                self.images_seen += int(inputs["pixel_values"].shape[0])
         if model.training:
             dtype = next(self.llava.model.vision_tower.parameters()).dtype
             inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.meter is not None and "loss" in logs:
+            logs = {**logs, **self.meter.metrics()}
+        super().log(logs, start_time)
 
     # ---- saving ---------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -1,0 +1,112 @@
+"""Packing: the same samples without padding give the same loss, the same logits per sample, and the same
+training run; images stay in sample order; image blocks are never split; throughput is logged."""
+
+import json
+
+import pytest
+import torch
+
+from llavakit import IGNORE_INDEX
+from llavakit.data.collate import LlavaCollator, pack_rows
+from llavakit.data.dataset import LlavaDataset, build_sample_index
+from llavakit.data.images import ImageTransform
+from llavakit.data.records import load_records
+from llavakit.data.templates import get_template
+from llavakit.data.tokenize import ConversationEncoder
+from llavakit.train.entry import run
+
+from .conftest import stage2_flags
+
+
+@pytest.fixture(scope="module")
+def model_and_samples(backbones, train_data):
+    from llavakit.model.build import assemble
+
+    asm = assemble(backbones["llm"], backbones["clip"], attn_implementation="sdpa")
+    model = asm.model.eval()
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    store, valid, _ = load_records(train_data["instruct"])
+    enc = ConversationEncoder(asm.tokenizer, get_template("v1"), asm.num_image_tokens)
+    index = build_sample_index(store, valid, enc, 512)
+    transform = ImageTransform.from_processor(asm.image_processor, "pad")
+    ds = LlavaDataset(store, index, enc, transform, train_data["images"], 512)
+    samples = [ds[i] for i in (0, 3, 1, 2, 7)]  # images and text-only (record 3 is text-only), mixed lengths
+    return model, samples, transform, asm.tokenizer.pad_token_id
+
+
+def _loss(model, batch):
+    batch = {k: v for k, v in batch.items() if k not in ("num_real_tokens", "num_samples")}
+    with torch.no_grad():
+        out = model(**batch)
+    return out
+
+
+def test_pack_rows_first_fit_decreasing():
+    assert pack_rows([5, 3, 4], None) == [[0, 1, 2]]
+    assert pack_rows([5, 3, 4], 12) == [[0, 1, 2]]
+    rows = pack_rows([6, 5, 4, 3, 2], 8)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert all(sum([6, 5, 4, 3, 2][i] for i in r) <= 8 for r in rows) and len(rows) == 3
+
+
+@pytest.mark.parametrize("capacity", [None, 120])
+def test_packed_loss_and_logits_equal_unpacked(model_and_samples, capacity):
+    model, samples, transform, pad = model_and_samples
+    padded = LlavaCollator(pad, transform)(samples)
+    packed = LlavaCollator(pad, transform, packing=True, packing_max_length=capacity)(samples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == (1 if capacity is None else
+                                                                                len(pack_rows([len(s["input_ids"]) for s in samples], capacity)))
+    assert int(packed["num_real_tokens"]) == int(padded["attention_mask"].sum())
+    if capacity is None:
+        assert packed["input_ids"].numel() == int(packed["num_real_tokens"])  # no padding at all
+    a, b = _loss(model, padded), _loss(model, packed)
+    # the token-mean loss of the same supervised tokens
+    assert abs(float(a.loss) - float(b.loss)) < 1e-5, (float(a.loss), float(b.loss))
+    # and the same logits for every sample: attention never crosses into another sample
+    rows = pack_rows([len(s["input_ids"]) for s in samples], capacity)
+    for r, row in enumerate(rows):
+        pos = 0
+        for i in row:
+            n = len(samples[i]["input_ids"])
+            assert torch.allclose(a.logits[i, :n], b.logits[r, pos:pos + n], atol=1e-4), (i, r)
+            assert packed["labels"][r, pos] == IGNORE_INDEX
+            assert torch.equal(packed["position_ids"][r, pos:pos + n], torch.arange(n))
+            pos += n
+
+
+def test_packed_images_follow_the_rows(model_and_samples):
+    model, samples, transform, pad = model_and_samples
+    packed = LlavaCollator(pad, transform, packing=True, packing_max_length=120)(samples)
+    rows = pack_rows([len(s["input_ids"]) for s in samples], 120)
+    expected = torch.cat([samples[i]["images"] for row in rows for i in row if samples[i]["images"] is not None])
+    assert torch.equal(packed["pixel_values"], transform.normalize(expected))
+
+
+def _logged(out):
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_path):
+    """The same steps, same samples per step: the same losses; only the padding is gone."""
+    common = dict(max_steps=4, logging_steps=1, group_by_modality_length="False", per_device_train_batch_size=4,
+                  attn_implementation="sdpa")
+    projector = stage1["out"] / "mm_projector.bin"
+    run(stage2_flags(backbones, train_data, tmp_path / "padded", projector, **common))
+    run(stage2_flags(backbones, train_data, tmp_path / "packed", projector, packing="True", **common))
+    a, b = _logged(tmp_path / "padded"), _logged(tmp_path / "packed")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+    assert all(h["real_token_fraction"] == 1.0 for h in b)
+    assert any(h["real_token_fraction"] < 1.0 for h in a)  # (a batch of equal lengths has no padding)
+    for h in b:
+        assert h["samples_per_second"] > 0 and h["real_tokens_per_second"] > 0 and 0 <= h["data_wait_fraction"] <= 1
+
+
+def test_mfu_is_logged_with_a_peak(backbones, train_data, stage1, tmp_path):
+    run(stage2_flags(backbones, train_data, tmp_path / "o", stage1["out"] / "mm_projector.bin", max_steps=2,
+                     logging_steps=1, peak_tflops=1.0))
+    logs = _logged(tmp_path / "o")
+    assert all(h["mfu"] > 0 for h in logs)
