@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("demo", help="train a tiny LLaVA end to end on a CPU and report what it learned",
                    add_help=False)
+    sub.add_parser("bench", help="padding / packing benchmarks (padding, train)", add_help=False)
 
     data = sub.add_parser("data", help="inspect and prepare training data").add_subparsers(dest="data_cmd",
                                                                                          required=True)
@@ -358,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         from llavakit.train.entry import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from llavakit.bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv and argv[0] == "demo":
         from llavakit.demo.run import main as demo_main
 

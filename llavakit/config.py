@@ -80,8 +80,8 @@ class TrainingArguments(transformers.TrainingArguments):
     packing: bool = field(default=False, metadata={
         "help": "concatenate each micro-batch's samples without padding, attention kept within each sample"})
     packing_max_length: int | None = field(default=None, metadata={
-        "help": "longest packed row (default: one row per micro-batch; with sdpa/eager, e.g. "
-                "--model_max_length, which bounds the attention mask)"})
+        "help": "longest packed row (default: one row per micro-batch with flash_attention_2, else "
+                "--model_max_length, which bounds the block attention mask of sdpa/eager)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "the accelerator's peak dense TFLOPS at the training dtype, for MFU (known GPUs are detected)"})
     logging_dir: str | None = field(default=None, metadata={

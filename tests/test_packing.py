@@ -110,3 +110,30 @@ def test_mfu_is_logged_with_a_peak(backbones, train_data, stage1, tmp_path):
                      logging_steps=1, peak_tflops=1.0))
     logs = _logged(tmp_path / "o")
     assert all(h["mfu"] > 0 for h in logs)
+
+
+def test_bench_padding_reports_the_three_ways():
+    from llavakit.bench import bench_padding
+
+    r = bench_padding()
+    assert r["records"] == 665298 and 0.05 < r["text_only_fraction"] < 0.07
+    assert 850 < r["lengths"]["mean"] < 900 and r["lengths"]["p99"] <= 2048
+    assert r["original_real_fraction"] < r["grouped_real_fraction"] < r["packed_real_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_script_runs_at_toy_size():
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--size", "toy", "--device",
+                        "cpu", "--steps", "1", "--batch", "2", "--stages", "stage2-full,stage2-lora"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(x["stage"], x["packed"]) for x in final["results"]] == [
+        ("stage2-full", False), ("stage2-full", True), ("stage2-lora", False), ("stage2-lora", True)]
+    assert all(x["real_tokens_per_second"] > 0 for x in final["results"])
+    assert all(x["real_token_fraction"] == 1.0 for x in final["results"] if x["packed"])
