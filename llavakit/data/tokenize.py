@@ -12,6 +12,7 @@ a silently masked sample that trains on loss 0.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,9 @@ from llavakit.data.templates import Segment, Template, place_images
 
 IM_START = "<im_start>"
 IM_END = "<im_end>"
+
+
+_SPACE = re.compile(r"\s")
 
 
 class SupervisionError(ValueError):
@@ -117,7 +121,13 @@ class ConversationEncoder:
                 sup[pos:pos + len(s.text)] = True
                 seg_bounds.append((pos, pos + len(s.text)))
             pos += len(s.text)
-        nonspace = np.array([not c.isspace() for c in prompt] + [False], dtype=bool)
+        nonspace = np.ones(len(prompt) + 1, dtype=bool)
+        nonspace[-1] = False
+        nonspace[[m.start() for m in _SPACE.finditer(prompt)]] = False
+        # per-token counts over character spans, from prefix sums (no per-character Python work)
+        cs_sup = np.concatenate([[0], np.cumsum(sup)])
+        cs_ns = np.concatenate([[0], np.cumsum(nonspace)])
+        cs_sns = np.concatenate([[0], np.cumsum(sup & nonspace)])
 
         chunks = prompt.split(IMAGE_PLACEHOLDER)
         starts, p = [], 0
@@ -134,22 +144,23 @@ class ConversationEncoder:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
         for k, (chunk_ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-            base = starts[k]
-            for tid, (a, b) in zip(chunk_ids, offsets):
-                a, b = base + a, base + b
-                if b > a:
-                    window = sup[a:b]
-                    ns = nonspace[a:b]
-                    is_sup = bool(window.any())
-                    if is_sup and ns.any() and (window[ns].any() != window[ns].all()):
-                        raise SupervisionError(
-                            f"token {self.tokenizer.convert_ids_to_tokens(tid)!r} spans answer and prompt text "
-                            f"({prompt[a:b]!r}); the template/tokenizer pair cannot separate them")
-                else:
-                    is_sup = bool(sup[a])
-                ids.append(tid)
-                labels.append(tid if is_sup else IGNORE_INDEX)
-                token_chars.append((a, b))
+            if chunk_ids:
+                off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + starts[k]
+                a, b = off[:, 0], off[:, 1]
+                n_sup = cs_sup[b] - cs_sup[a]
+                n_ns = cs_ns[b] - cs_ns[a]
+                n_sns = cs_sns[b] - cs_sns[a]
+                empty = b <= a
+                is_sup = np.where(empty, sup[np.minimum(a, len(sup) - 1)], n_sup > 0)
+                mixed = ~empty & (n_sup > 0) & (n_ns > 0) & (n_sns > 0) & (n_sns != n_ns)
+                if mixed.any():
+                    j = int(np.flatnonzero(mixed)[0])
+                    raise SupervisionError(
+                        f"token {self.tokenizer.convert_ids_to_tokens(chunk_ids[j])!r} spans answer and prompt "
+                        f"text ({prompt[a[j]:b[j]]!r}); the template/tokenizer pair cannot separate them")
+                ids.extend(chunk_ids)
+                labels.extend(np.where(is_sup, np.asarray(chunk_ids), IGNORE_INDEX).tolist())
+                token_chars.extend(zip(a.tolist(), b.tolist()))
             if k < len(chunks) - 1:
                 spans.append((len(ids), len(ids) + len(self.image_block)))
                 ids.extend(self.image_block)

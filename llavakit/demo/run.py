@@ -146,7 +146,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     tok = train_tokenizer(data["corpus"] * 2 + [VICUNA_SYSTEM] * 50, vocab_size=cfg.vocab_size,
                           extra_special_tokens=[])
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
-    lm_losses = pretrain_language_model(tok, data["corpus"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
+    lm_losses = pretrain_language_model(tok, data["corpus"] + data["reading"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, seed=seed, progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])

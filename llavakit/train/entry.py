@@ -113,7 +113,8 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
                            report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT),
                            max_bad_fraction=data_args.max_bad_fraction)
-    collator = LlavaCollator(tokenizer.pad_token_id, transform, packing=train_args.packing,
+    # workers hand over uint8 pixels (a quarter of the bytes); the trainer normalises them on the device
+    collator = LlavaCollator(tokenizer.pad_token_id, transform, normalize=False, packing=train_args.packing,
                              packing_max_length=packing_capacity(train_args))
     logger.info("data: %d records, %d train (%d with images), %d skipped, %d truncated", len(store),
                 len(dataset), int(index.has_image.sum()), len(index.skipped), index.num_truncated)

@@ -5,6 +5,7 @@
 * the optimizer has the projector in its own parameter groups when ``--mm_projector_lr`` is given, and no
   weight decay on biases and norms;
 * every text-only micro-batch still runs the vision path, loss-neutrally (see ``graph.py``);
+* images arrive as uint8 and are normalised on the device (bit-identical to the image processor);
 * stage-1 saves (checkpoints included) write only the projector; their checkpoints resume from it;
 * every save makes the generation config savable first (LLaVA #1144).
 """
@@ -116,8 +117,11 @@ class LlavaTrainer(Trainer):
             self.tokens_processed += int(inputs["input_ids"].numel())
             if inputs.get("pixel_values") is not None:
                 self.images_seen += int(inputs["pixel_values"].shape[0])
+        dtype = next(self.llava.model.vision_tower.parameters()).dtype
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:  # normalised here, on the device
+            inputs["pixel_values"] = self.data_collator.transform.normalize(pixels).to(dtype)
         if model.training:
-            dtype = next(self.llava.model.vision_tower.parameters()).dtype
             inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
