@@ -54,3 +54,41 @@ def test_lora_resume_matches_uninterrupted(backbones, train_data, stage1, tmp_pa
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_full_resume_matches_uninterrupted(backbones, train_data, tmp_path):
+    """transformers writes Llava weights under older key names that the Trainer's resume skips silently;
+    the run must continue from the checkpoint's weights, not from the initial ones."""
+    from safetensors.torch import load_file
+
+    from .conftest import stage2_flags
+
+    common = {"pretrain_mm_mlp_adapter": None, "save_steps": 4, "save_total_limit": None, "logging_steps": 1,
+              "per_device_train_batch_size": 2, "group_by_modality_length": "False"}
+    full = run(stage2_flags(backbones, train_data, tmp_path / "full", "", **common))
+    ref = _losses(full)
+    resumed = run(stage2_flags(backbones, train_data, tmp_path / "resumed", "",
+                               resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"), **common))
+    got = _losses(resumed)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in range(5, 9):
+        assert abs(got[step] - ref[step]) < 1e-6, (step, got[step], ref[step])
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(backbones, train_data, tmp_path):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import stage2_flags
+
+    common = {"pretrain_mm_mlp_adapter": None, "save_steps": 2, "max_steps": 2}
+    run(stage2_flags(backbones, train_data, tmp_path / "a", "", **common))
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    w = load_file(ckpt / "model.safetensors")
+    w.pop(next(k for k in w if "layers.1." in k))
+    save_file(w, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match the model"):
+        run(stage2_flags(backbones, train_data, tmp_path / "b", "", resume_from_checkpoint=str(ckpt), **common))

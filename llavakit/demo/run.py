@@ -50,6 +50,7 @@ class DemoConfig:
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     single_turn: int = 0  # single-question records per training image, besides its conversation
+    packing: bool = True  # stage 2 without padding (rows of at most model_max_length tokens)
 
 
 QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage1_epochs=2, stage2_epochs=5)
@@ -146,7 +147,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     tok = train_tokenizer(data["corpus"] * 2 + [VICUNA_SYSTEM] * 50, vocab_size=cfg.vocab_size,
                           extra_special_tokens=[])
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
-    lm_losses = pretrain_language_model(tok, data["corpus"] + data["reading"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
+    lm_losses = pretrain_language_model(tok, data["corpus"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, seed=seed, progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])
@@ -174,7 +175,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     s2 = out / "stage2"
     train(_train_flags(**common, version="v1", data_path=files["instruct"],
                        pretrain_mm_mlp_adapter=s1 / "mm_projector.bin", image_aspect_ratio="pad",
-                       group_by_modality_length=True, output_dir=s2, num_train_epochs=cfg.stage2_epochs,
+                       group_by_modality_length=True, packing=cfg.packing, output_dir=s2,
+                       num_train_epochs=cfg.stage2_epochs,
                        per_device_train_batch_size=cfg.stage2_batch, learning_rate=cfg.stage2_lr))
 
     p.step("4/5 evaluation on held-out images")

@@ -168,13 +168,7 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
     files["heldout"].write_text("".join(json.dumps(q) + "\n" for q in heldout))
     train_scenes = [sc for rel, sc in scenes.items() if rel.startswith("train/")]
     corpus = [caption(s) for s in train_scenes] + [t["value"] for r in instruct for t in r["conversations"]]
-    # reading comprehension in text: a description, then questions answered from it. A real LLM arrives with
-    # this skill (finding a thing by one attribute and reading off another, from its context); the demo's
-    # language model learns it from these texts, about the training scenes only.
-    text_rng = random.Random(seed + 1)
-    reading = [caption(sc) + " " + " ".join(f"{q} {a}." for _, q, a in questions(sc, text_rng))
-               for sc in train_scenes]
-    return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus, "reading": reading,
+    return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus,
             "captions": captions,
             "scenes": scenes}
 

@@ -6,12 +6,14 @@
   weight decay on biases and norms;
 * every text-only micro-batch still runs the vision path, loss-neutrally (see ``graph.py``);
 * images arrive as uint8 and are normalised on the device (bit-identical to the image processor);
-* stage-1 saves (checkpoints included) write only the projector; their checkpoints resume from it;
+* stage-1 saves (checkpoints included) write only the projector — under DeepSpeed too, whose engine state
+  then leaves the frozen weights out — and their checkpoints resume from it;
 * every save makes the generation config savable first (LLaVA #1144).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -41,6 +43,24 @@ def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if f"{PROJECTOR}." in k:
             out[k.split(f"{PROJECTOR}.", 1)[1]] = v
     return out
+
+
+#: transformers' older Llava key names (what ``save_pretrained`` writes) → the module's current names
+_LEGACY_LLAVA_KEYS = (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
+                      ("vision_tower.", "model.vision_tower."),
+                      ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def current_llava_key(key: str) -> str:
+    for old, new in _LEGACY_LLAVA_KEYS:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _load_non_strict(load, engine, path, load_module_strict=True, **kw):
+    """A stage-1 DeepSpeed checkpoint holds the projector only: the frozen weights are not in it."""
+    return load(engine, path, load_module_strict=False, **kw)
 
 
 class LlavaTrainer(Trainer):
@@ -181,6 +201,31 @@ class LlavaTrainer(Trainer):
                    use_mtime=True)
         self.accelerator.wait_for_everyone()
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not (self.is_deepspeed_enabled and self.stage.projector_only_saves):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # stage 1 under DeepSpeed: the engine's checkpoint leaves out the frozen weights (the LLM and the
+        # vision tower, all but the projector) as it does for LoRA; train() loads it non-strictly
+        engine = self.model_wrapped
+        save = engine.save_checkpoint
+        engine.save_checkpoint = functools.partial(save, exclude_frozen_parameters=True)
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint
+
+    def train(self, *args, **kwargs):
+        if not (self.is_deepspeed_enabled and self.stage.projector_only_saves):
+            return super().train(*args, **kwargs)
+        import transformers.trainer as hf_trainer
+
+        load = hf_trainer.deepspeed_load_checkpoint
+        hf_trainer.deepspeed_load_checkpoint = functools.partial(_load_non_strict, load)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = load
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         has_weights = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES)
         projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_BIN)
@@ -188,4 +233,25 @@ class LlavaTrainer(Trainer):
             logger.info("resuming the projector from %s", projector_file)
             load_projector(self.llava.model.multi_modal_projector, projector_file)
             return
+        full = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES[:4])
+        if full and not hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled:
+            self._load_full_weights(resume_from_checkpoint)
+            return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_full_weights(self, checkpoint: str) -> None:
+        """Model weights of a full checkpoint, strictly. transformers saves Llava under its older key names
+        (``language_model.model.*``), which the Trainer's own resume does not map back and then skips
+        without an error: the run would continue from the initial weights."""
+        from llavakit.model.convert import read_weights
+
+        own = self.llava.state_dict()
+        state = {current_llava_key(k): v for k, v in read_weights(checkpoint).items()}
+        unexpected = sorted(set(state) - set(own))
+        by_ptr = {t.data_ptr(): k for k, t in own.items() if k in state}
+        missing = sorted(k for k in set(own) - set(state) if own[k].data_ptr() not in by_ptr)  # tied: fine
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint}: the checkpoint's weights do not match the model (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); was it written by another run?")
+        self.llava.load_state_dict(state, strict=False)
+        logger.info("resumed %d weight tensors from %s", len(state), checkpoint)
