@@ -26,6 +26,10 @@ class OutputDirError(ValueError):
     pass
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint to resume from does not hold this model's weights."""
+
+
 def _setup_logging(train_args) -> None:
     import transformers
 
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
-            ProjectorFileError) as e:
+            ProjectorFileError, CheckpointMismatchError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on

@@ -244,6 +244,7 @@ class LlavaTrainer(Trainer):
         (``language_model.model.*``), which the Trainer's own resume does not map back and then skips
         without an error: the run would continue from the initial weights."""
         from llavakit.model.convert import read_weights
+        from llavakit.train.entry import CheckpointMismatchError
 
         own = self.llava.state_dict()
         state = {current_llava_key(k): v for k, v in read_weights(checkpoint).items()}
@@ -251,7 +252,7 @@ class LlavaTrainer(Trainer):
         by_ptr = {t.data_ptr(): k for k, t in own.items() if k in state}
         missing = sorted(k for k in set(own) - set(state) if own[k].data_ptr() not in by_ptr)  # tied: fine
         if missing or unexpected:
-            raise ValueError(f"{checkpoint}: the checkpoint's weights do not match the model (missing "
+            raise CheckpointMismatchError(f"{checkpoint}: the checkpoint's weights do not match the model (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}); was it written by another run?")
         self.llava.load_state_dict(state, strict=False)
         logger.info("resumed %d weight tensors from %s", len(state), checkpoint)
