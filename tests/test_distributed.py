@@ -161,3 +161,22 @@ def test_deepspeed_zero3_offload_stage2_mixed_batches(backbones, train_data, tmp
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
     assert (out / "model.safetensors").is_file()
+
+
+def test_ddp_losses_equal_a_single_process(backbones, train_data, tmp_path):
+    """Two ranks × 1 sample = one process × 2 samples (same samples per step, token-mean loss)."""
+    from llavakit.train.entry import run
+
+    common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="True", logging_steps=1, max_steps=4,
+                  save_strategy="no")
+    single = run(stage2_flags(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=2,
+                              **common))
+    ref = {h["step"]: h["loss"] for h in single.trainer.state.log_history if "loss" in h}
+    out = tmp_path / "ddp"
+    r = torchrun(stage2_flags(backbones, train_data, out, "", per_device_train_batch_size=1,
+                              ddp_find_unused_parameters="False", ddp_backend="gloo", **common))
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = _losses(out)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for step in got:
+        assert abs(got[step] - ref[step]) < 1e-4, (step, got[step], ref[step])

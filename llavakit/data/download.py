@@ -72,7 +72,7 @@ NAMED_SETS: dict[str, list[FileSpec]] = {
     ],
     "instruct": [FileSpec(f"{_INSTRUCT}/llava_v1_5_mix665k.json", "llava_v1_5_mix665k.json")],
     "coco": [FileSpec("http://images.cocodataset.org/zips/train2017.zip", "downloads/coco_train2017.zip",
-                      size=19336861798, unpack="coco")],
+                      unpack="coco")],
     "gqa": [FileSpec("https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip", "downloads/gqa_images.zip",
                      unpack="gqa")],
     "textvqa": [FileSpec("https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip",
