@@ -49,7 +49,6 @@ class DemoConfig:
     stage2_epochs: int = 5
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
-    single_turn: int = 0  # single-question records per training image, besides its conversation
     packing: bool = True  # stage 2 without padding (rows of at most model_max_length tokens)
 
 
@@ -129,7 +128,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     p = Progress()
 
     p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)")
-    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed, cfg.single_turn)
+    data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed)
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
     print(f"    {len(data['captions'])} caption records, "
@@ -138,14 +137,11 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
 
     p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)")
     from llavakit.data.images import ImageTransform, open_image
-    from llavakit.data.templates import VICUNA_SYSTEM
     from llavakit.demo.backbones import train_tokenizer
     from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
     from llavakit.demo.scenes import QUADRANT_ATTRIBUTES, quadrant_labels
 
-    # the template's system prompt is text the model reads in every sample (Vicuna's tokenizer knows it)
-    tok = train_tokenizer(data["corpus"] * 2 + [VICUNA_SYSTEM] * 50, vocab_size=cfg.vocab_size,
-                          extra_special_tokens=[])
+    tok = train_tokenizer(data["corpus"] * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, data["corpus"], llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, seed=seed, progress=p.loop("language model"))
@@ -168,16 +164,17 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
                   dataloader_num_workers=0, report_to="none", seed=seed, disable_tqdm=True)
     p.step("3/5 stage 1: feature alignment (projector only, --version plain)")
     s1 = out / "stage1"
-    train(_train_flags(**common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True,
-                       output_dir=s1, num_train_epochs=cfg.stage1_epochs,
-                       per_device_train_batch_size=cfg.stage1_batch, learning_rate=cfg.stage1_lr))
+    _stop_if_interrupted(train(_train_flags(
+        **common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True, output_dir=s1,
+        num_train_epochs=cfg.stage1_epochs, per_device_train_batch_size=cfg.stage1_batch,
+        learning_rate=cfg.stage1_lr)))
     p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)")
     s2 = out / "stage2"
-    train(_train_flags(**common, version="v1", data_path=files["instruct"],
-                       pretrain_mm_mlp_adapter=s1 / "mm_projector.bin", image_aspect_ratio="pad",
-                       group_by_modality_length=True, packing=cfg.packing, output_dir=s2,
-                       num_train_epochs=cfg.stage2_epochs,
-                       per_device_train_batch_size=cfg.stage2_batch, learning_rate=cfg.stage2_lr))
+    _stop_if_interrupted(train(_train_flags(
+        **common, version="v1", data_path=files["instruct"], pretrain_mm_mlp_adapter=s1 / "mm_projector.bin",
+        image_aspect_ratio="pad", group_by_modality_length=True, packing=cfg.packing, output_dir=s2,
+        num_train_epochs=cfg.stage2_epochs, per_device_train_batch_size=cfg.stage2_batch,
+        learning_rate=cfg.stage2_lr)))
 
     p.step("4/5 evaluation on held-out images")
     from llavakit.data.templates import get_template
@@ -227,6 +224,13 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(render_table(summary), flush=True)
     return summary
+
+
+def _stop_if_interrupted(result) -> None:
+    """Ctrl-C during a stage: the stage saved a checkpoint and stopped; the demo stops too."""
+    if result.stopped:
+        print("demo interrupted", flush=True)
+        raise SystemExit(130)
 
 
 def render_table(s: dict) -> str:

@@ -118,8 +118,7 @@ def _conv(*turns: str) -> list[dict]:
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
 
 
-def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int,
-                  single_turn: int = 5) -> dict:
+def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
     """Write images and the stage-1 / stage-2 / held-out record files under ``root``."""
     root = Path(root)
     rng = random.Random(seed)
@@ -148,12 +147,6 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
                 if i % 5 == 0:  # some conversations also ask for a description, as LLaVA's data does
                     turns += ["Describe the image briefly.", caption(scene)]
                 instruct.append({"id": f"vqa-{i}", "image": rel, "conversations": _conv(*turns)})
-                # and each question on its own: in a conversation, later answers can be read off earlier
-                # ones, so single questions are what teach reading the image (an image may recur in
-                # several records, as COCO images do in LLaVA's mix)
-                for k, (_, q, a) in enumerate(qs[:single_turn]):
-                    first = f"<image>\n{q}" if rng.random() < 0.5 else f"{q}\n<image>"
-                    instruct.append({"id": f"vqa-{i}-{k}", "image": rel, "conversations": _conv(first, a)})
                 if i % 10 == 0:
                     q, a = STORIES[(i // 10) % len(STORIES)]
                     instruct.append({"id": f"txt-{i}", "conversations": _conv(q, a)})
@@ -166,10 +159,8 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
     files["captions"].write_text(json.dumps(captions, indent=1))
     files["instruct"].write_text(json.dumps(instruct, indent=1))
     files["heldout"].write_text("".join(json.dumps(q) + "\n" for q in heldout))
-    train_scenes = [sc for rel, sc in scenes.items() if rel.startswith("train/")]
-    corpus = [caption(s) for s in train_scenes] + [t["value"] for r in instruct for t in r["conversations"]]
-    return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus,
-            "captions": captions,
+    corpus = [caption(s) for s in scenes.values()] + [t["value"] for r in instruct for t in r["conversations"]]
+    return {"files": {k: str(v) for k, v in files.items()}, "corpus": corpus, "captions": captions,
             "scenes": scenes}
 
 
