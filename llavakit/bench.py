@@ -147,7 +147,7 @@ def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | N
         records.append(rec)
     (root / "data.json").write_text(json.dumps(records))
     out = {}
-    variants = (("padded", []), ("packed", ["--packing", "True"]),
+    variants = (("padded", []), ("packed", ["--packing", "True", "--packing_max_length", str(batch * rows_of)]),
                 ("packed_rows", ["--packing", "True", "--packing_max_length", str(rows_of)]))
     for name, extra in variants:
         res = run(["--model_name_or_path", str(llm), "--vision_tower", str(clip), "--version", "v1",
