@@ -223,3 +223,58 @@ def test_deepspeed_zero3_stage1_and_stage2_resume(backbones, train_data, tmp_pat
     assert sorted(got) == sorted(ref) == list(range(1, 9))
     for step in range(5, 9):
         assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+
+
+def test_deepspeed_zero3_lora_and_zero2_lora_resume(backbones, train_data, stage1, tmp_path):
+    """LoRA under ZeRO-3 (mixed micro-batches), and a ZeRO-2 LoRA run that resumes exactly."""
+    from .conftest import REPO, lora_flags
+
+    projector = stage1["out"] / "mm_projector.bin"
+    out = tmp_path / "z3lora"
+    r = torchrun(lora_flags(backbones, train_data, out, projector, deepspeed=REPO / "scripts" / "zero3.json",
+                            group_by_modality_length="False", per_device_train_batch_size=1, max_steps=4),
+                 timeout=400)
+    assert r.returncode == 0, tail(r)
+    assert (out / "adapter_model.safetensors").is_file()
+    common = dict(deepspeed=REPO / "scripts" / "zero2.json", group_by_modality_length="False",
+                  per_device_train_batch_size=1, save_steps=4, logging_steps=1, save_total_limit=None,
+                  lora_dropout=0.0)
+    full = tmp_path / "full"
+    r = torchrun(lora_flags(backbones, train_data, full, projector, **common), timeout=400)
+    assert r.returncode == 0, tail(r)
+    resumed = tmp_path / "resumed"
+    r = torchrun(lora_flags(backbones, train_data, resumed, projector,
+                            resume_from_checkpoint=str(full / "checkpoint-4"), **common), timeout=400)
+    assert r.returncode == 0, tail(r)
+    ref, got = _losses(full), _losses(resumed)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in range(5, 9):
+        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+
+
+def test_deepspeed_zero3_offload_stage1(backbones, train_data, tmp_path):
+    from .conftest import REPO, stage1_flags
+
+    out = tmp_path / "z3off_s1"
+    r = torchrun(stage1_flags(backbones, train_data, out, deepspeed=REPO / "scripts" / "zero3_offload.json",
+                              per_device_train_batch_size=2, max_steps=2), timeout=600)
+    assert r.returncode == 0, tail(r)
+    assert (out / "mm_projector.bin").is_file()
+
+
+def test_deepspeed_zero2_stage2_and_offload_lora(backbones, train_data, stage1, tmp_path):
+    """The two remaining cells of the matrix: full stage 2 under ZeRO-2, LoRA under ZeRO-3 offload."""
+    from .conftest import REPO, lora_flags
+
+    out = tmp_path / "z2s2"
+    r = torchrun(stage2_flags(backbones, train_data, out, "", pretrain_mm_mlp_adapter=None,
+                              deepspeed=REPO / "scripts" / "zero2.json", group_by_modality_length="False",
+                              per_device_train_batch_size=1, max_steps=2), timeout=400)
+    assert r.returncode == 0, tail(r)
+    assert (out / "model.safetensors").is_file()
+    out = tmp_path / "offlora"
+    r = torchrun(lora_flags(backbones, train_data, out, stage1["out"] / "mm_projector.bin",
+                            deepspeed=REPO / "scripts" / "zero3_offload.json", group_by_modality_length="False",
+                            per_device_train_batch_size=1, max_steps=2), timeout=600)
+    assert r.returncode == 0, tail(r)
+    assert (out / "adapter_model.safetensors").is_file()
