@@ -99,6 +99,14 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     from llavakit.model.generation_config import make_savable
     from llavakit.model.processing import build_processor, image_processor_for, set_generation_stop
 
+    if not os.path.isdir(model_path):  # a hub name: the files, once, into the hub cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            model_path = snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.bin",
+                                                                      "*.model", "*.txt"])
+        except Exception as e:  # noqa: BLE001 - any hub failure: say which name and why
+            raise ConversionError(f"{model_path}: not a local directory, and the hub download failed: {e}") from None
     cfg = read_config_dict(model_path)
     if checkpoint_kind(cfg) != "llava-original":
         raise ConversionError(f"{model_path}: not an original-format LLaVA checkpoint (no mm_vision_tower / "
