@@ -46,7 +46,7 @@ class DemoConfig:
     stage1_epochs: int = 4
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 5
+    stage2_epochs: int = 8
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     packing: bool = False  # measured: slower here (short samples, little padding, SDPA block masks)
