@@ -131,12 +131,8 @@ def cmd_eval_score(args) -> int:
     from llavakit.eval.run import judge_from_args
     from llavakit.eval.score import score_benchmark
 
-    try:
-        result = score_benchmark(args.benchmark, args.answers_file, args.question_file, args.annotations,
-                                 judge=judge_from_args(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = score_benchmark(args.benchmark, args.answers_file, args.question_file, args.annotations,
+                             judge=judge_from_args(args))
     if args.json:
         print(json.dumps({"benchmark": args.benchmark, **result}))
     else:
@@ -147,11 +143,7 @@ def cmd_eval_score(args) -> int:
 def cmd_eval_run(args) -> int:
     from llavakit.eval.run import main
 
-    try:
-        return main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return main(args)
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
@@ -369,16 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     from llavakit.data.download import DownloadError
-    from llavakit.data.records import RecordFileError
-    from llavakit.data.templates import TemplateError
-    from llavakit.data.unpack import UnsafeArchiveError
-    from llavakit.infer.predict import QuestionFileError
-    from llavakit.model.build import ModelLoadError
 
     try:
         return int(args.func(args) or 0)
-    except (RecordFileError, TemplateError, ModelLoadError, QuestionFileError, DownloadError, UnsafeArchiveError,
-            ValueError, FileNotFoundError) as e:
+    # llavakit's input errors are ValueErrors (records, templates, models, questions, archives, scoring
+    # inputs); a download that cannot finish is a DownloadError
+    except (ValueError, FileNotFoundError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -82,14 +82,10 @@ def source_of(images: list[str]) -> str:
     return parts[0] if len(parts) > 1 else "(top level)"
 
 
-def check_images(store: RecordStore, indices: list[int], image_folder: str, workers: int | None = None,
+def check_images(images: dict[int, tuple[str, list[str]]], image_folder: str, workers: int | None = None,
                  progress: bool = False, min_size: int = 1) -> list[Problem]:
-    """Decode every image of the given records, over ``workers`` processes."""
-    jobs = []
-    for i in indices:
-        rec = parse_record(store, i)
-        for p in rec.images:
-            jobs.append((i, rec.id, resolve_image(image_folder, p), min_size))
+    """Decode every image (record index → (record id, image paths)), over ``workers`` processes."""
+    jobs = [(i, rid, resolve_image(image_folder, p), min_size) for i, (rid, paths) in images.items() for p in paths]
     workers = workers or os.cpu_count() or 1
     bar = None
     if progress:
@@ -126,9 +122,13 @@ def run_check(data_path: str, image_folder: str | None = None, encoder=None,
         return report
     valid, problems = validate_store(store)
     report = CheckReport(source=store.source, total=len(store), problems=list(problems))
-    sources = {i: source_of(parse_record(store, i).images) for i in valid}
+    images = {}  # each record parsed once: its id and image paths are all the checks need
+    for i in valid:
+        rec = parse_record(store, i)
+        images[i] = (rec.id, rec.images)
+    sources = {i: source_of(paths) for i, (_, paths) in images.items()}
     if image_folder is not None:
-        report.problems += check_images(store, valid, image_folder, workers=workers, progress=progress,
+        report.problems += check_images(images, image_folder, workers=workers, progress=progress,
                                         min_size=min_image_size)
         report.extra["missing_images"] = sum(p.kind == "missing_image" for p in report.problems)
     per_source: dict[str, dict] = {}

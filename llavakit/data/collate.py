@@ -53,17 +53,20 @@ class LlavaCollator:
             batch["pixel_values"] = pixels
         return batch
 
-    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        rows = pack_rows(lengths, self.packing_max_length)
-        width = max(sum(lengths[i] for i in row) for row in rows)
+    def _canvas(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-padding ``input_ids`` and all-ignored ``labels``, ``width`` rounded up to the multiple."""
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             width = (width + m - 1) // m * m
-        n = len(rows)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((n, width), dtype=torch.long)
+        return (torch.full((rows, width), self.pad_token_id, dtype=torch.long),
+                torch.full((rows, width), IGNORE_INDEX, dtype=torch.long))
+
+    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = pack_rows(lengths, self.packing_max_length)
+        input_ids, labels = self._canvas(len(rows), max(sum(lengths[i] for i in row) for row in rows))
+        width = input_ids.shape[1]
+        position_ids = torch.zeros_like(input_ids)
         for r, row in enumerate(rows):
             pos = 0
             for i in row:
@@ -80,14 +83,9 @@ class LlavaCollator:
 
     def _padded(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            width = (width + m - 1) // m * m
         n = len(features)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        input_ids, labels = self._canvas(n, max(lengths))
+        attention_mask = torch.zeros_like(input_ids)
         for i, (f, length) in enumerate(zip(features, lengths)):
             input_ids[i, :length] = f["input_ids"]
             labels[i, :length] = f["labels"]

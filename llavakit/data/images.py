@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -30,18 +30,21 @@ class ImageLoadError(OSError):
     """An image is missing or cannot be decoded."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open any common format as an RGB PIL image.
+def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
+    """Open any common format as an RGB PIL image, from a path or a binary file object (``name`` says
+    what it is in messages).
 
     Applies the EXIF orientation, takes the first frame of animations, composites transparency over white
     (as transformers' ``convert_to_rgb`` does), scales 16/32-bit greyscale to 8 bits, converts CMYK and
     palette images.
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise ImageLoadError(f"{path}: image file not found")
+    if not hasattr(source, "read"):
+        source = name = str(source)
+        if not os.path.exists(source):
+            raise ImageLoadError(f"{source}: image file not found")
+    path = name or "image"
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)

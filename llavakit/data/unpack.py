@@ -35,32 +35,34 @@ def _inside(base: str, name: str) -> bool:
     return target == base or target.startswith(base + os.sep)
 
 
+def _refuse_outside(base: str, archive: str, name: str) -> None:
+    if not _inside(base, name):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} would be written outside {base}; "
+                                 "refusing to unpack this archive")
+
+
+def _refuse_link_out(base: str, archive: str, name: str, link_dir: str, target: str) -> None:
+    if os.path.isabs(target) or not _inside(base, os.path.relpath(os.path.join(link_dir, target), base)):
+        raise UnsafeArchiveError(f"{archive}: link {name!r} → {target!r} points outside {base}")
+
+
 def _check_zip(zf: zipfile.ZipFile, base: str, archive: str) -> list[zipfile.ZipInfo]:
     members = zf.infolist()
     for m in members:
-        if not _inside(base, m.filename):
-            raise UnsafeArchiveError(f"{archive}: member {m.filename!r} would be written outside {base}; "
-                                     "refusing to unpack this archive")
-        mode = (m.external_attr >> 16) & 0o170000
-        if mode == 0o120000:  # a symlink stored in a zip
-            target = zf.read(m).decode(errors="replace")
-            link_dir = os.path.dirname(os.path.join(base, m.filename))
-            if os.path.isabs(target) or not _inside(base, os.path.relpath(os.path.join(link_dir, target), base)):
-                raise UnsafeArchiveError(f"{archive}: symlink {m.filename!r} → {target!r} points outside {base}")
+        _refuse_outside(base, archive, m.filename)
+        if (m.external_attr >> 16) & 0o170000 == 0o120000:  # a symlink stored in a zip
+            _refuse_link_out(base, archive, m.filename, os.path.dirname(os.path.join(base, m.filename)),
+                             zf.read(m).decode(errors="replace"))
     return members
 
 
 def _check_tar(tf: tarfile.TarFile, base: str, archive: str) -> list[tarfile.TarInfo]:
     members = tf.getmembers()
     for m in members:
-        if not _inside(base, m.name):
-            raise UnsafeArchiveError(f"{archive}: member {m.name!r} would be written outside {base}; "
-                                     "refusing to unpack this archive")
-        if m.issym() or m.islnk():
-            link_dir = os.path.dirname(os.path.join(base, m.name)) if m.issym() else base
-            target = os.path.join(link_dir, m.linkname)
-            if os.path.isabs(m.linkname) or not _inside(base, os.path.relpath(target, base)):
-                raise UnsafeArchiveError(f"{archive}: link {m.name!r} → {m.linkname!r} points outside {base}")
+        _refuse_outside(base, archive, m.name)
+        if m.issym() or m.islnk():  # a hard link's target is relative to the archive root
+            _refuse_link_out(base, archive, m.name,
+                             os.path.dirname(os.path.join(base, m.name)) if m.issym() else base, m.linkname)
         elif not (m.isfile() or m.isdir()):
             raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device or fifo; refusing")
     return members

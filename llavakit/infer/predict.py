@@ -134,7 +134,8 @@ def main(args) -> int:
         open(args.answers_file, "a").close()
         return 0
     keys = {question_key(q) for q in questions}
-    if answered_ids(args.answers_file) >= keys:
+    done = answered_ids(args.answers_file) & keys
+    if done == keys:
         print(f"{args.answers_file}: all {len(questions)} questions already answered")
         return 0
     predictor = Predictor.from_pretrained(args.model_path, model_base=args.model_base, device=args.device,
@@ -142,7 +143,7 @@ def main(args) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         num_beams=args.num_beams)
     bar = tqdm(total=len(questions), desc="predict", unit="q")
-    bar.update(len(answered_ids(args.answers_file) & keys))
+    bar.update(len(done))
 
     def progress(done: int, total: int) -> None:
         bar.n = len(questions) - total + done

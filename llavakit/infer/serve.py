@@ -44,9 +44,7 @@ class ServeOptions:
 
 
 def load_image_url(url: str, opts: ServeOptions):
-    from PIL import Image, UnidentifiedImageError
-
-    from llavakit.data.images import open_image
+    from llavakit.data.images import ImageLoadError, open_image
 
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
@@ -71,12 +69,8 @@ def load_image_url(url: str, opts: ServeOptions):
             raise RequestError(f"image_url: {path} not found")
         source = path
     try:
-        if isinstance(source, str):
-            return open_image(source)
-        with Image.open(source) as im:
-            im.load()
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except (UnidentifiedImageError, OSError) as e:
+        return open_image(source, "image_url")  # decoded exactly as training decodes its images
+    except ImageLoadError as e:
         raise RequestError(f"image_url: not a readable image ({e})") from None
 
 

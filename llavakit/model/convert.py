@@ -304,6 +304,16 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     return save_path
 
 
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+
+
 def _drop_last_added_token(directory: str, token: str, token_id: int) -> bool:
     """Remove ``token`` (the last added token) from a saved tokenizer; True when the reloaded tokenizer no
     longer has it."""
@@ -312,11 +322,11 @@ def _drop_last_added_token(directory: str, token: str, token_id: int) -> bool:
     tj = os.path.join(directory, "tokenizer.json")
     tc = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(tj):
-        data = json.load(open(tj, encoding="utf-8"))
+        data = _read_json(tj)
         data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != token]
-        json.dump(data, open(tj, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+        _write_json(tj, data)
     if os.path.isfile(tc):
-        data = json.load(open(tc, encoding="utf-8"))
+        data = _read_json(tc)
         data.get("added_tokens_decoder", {}).pop(str(token_id), None)
         for key in ("additional_special_tokens", "extra_special_tokens"):
             if isinstance(data.get(key), list):
@@ -324,13 +334,13 @@ def _drop_last_added_token(directory: str, token: str, token_id: int) -> bool:
             elif isinstance(data.get(key), dict):
                 data[key] = {k: v for k, v in data[key].items() if v != token}
         data.pop("image_token", None)
-        json.dump(data, open(tc, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+        _write_json(tc, data)
     sm = os.path.join(directory, "special_tokens_map.json")
     if os.path.isfile(sm):
-        data = json.load(open(sm, encoding="utf-8"))
+        data = _read_json(sm)
         if isinstance(data.get("additional_special_tokens"), list):
             data["additional_special_tokens"] = [t for t in data["additional_special_tokens"]
                                                  if (t if isinstance(t, str) else t.get("content")) != token]
-        json.dump(data, open(sm, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+        _write_json(sm, data)
     reloaded = AutoTokenizer.from_pretrained(directory)
     return token not in reloaded.get_vocab() and len(reloaded) == token_id

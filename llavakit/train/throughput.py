@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from transformers import TrainerCallback
+
 #: peak dense bf16/fp16 tensor TFLOPS of common training GPUs (vendor datasheets)
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A800": 312.0,
                "H800": 989.0, "RTX 4090": 165.2, "V100": 125.0}
@@ -127,20 +129,17 @@ class ThroughputMeter:
         return out
 
 
-class MeterCallback:
+class MeterCallback(TrainerCallback):
     """Marks step boundaries for :class:`ThroughputMeter` (the time between steps is data wait)."""
 
-    def __new__(cls, meter: ThroughputMeter):
-        from transformers import TrainerCallback
+    def __init__(self, meter: ThroughputMeter):
+        self.meter = meter
 
-        class _CB(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                meter.reset()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.reset()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                meter.step_begin()
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.meter.step_begin()
 
-            def on_step_end(self, args, state, control, **kwargs):
-                meter.step_end()
-
-        return _CB()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.meter.step_end()

@@ -32,8 +32,9 @@ from llavakit.train.stages import PROJECTOR, Stage
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+WEIGHT_FILES = (*FULL_WEIGHT_FILES, "adapter_model.safetensors", "adapter_model.bin")
 
 
 def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -233,7 +234,7 @@ class LlavaTrainer(Trainer):
             logger.info("resuming the projector from %s", projector_file)
             load_projector(self.llava.model.multi_modal_projector, projector_file)
             return
-        full = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES[:4])
+        full = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in FULL_WEIGHT_FILES)
         if full and not hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled:
             self._load_full_weights(resume_from_checkpoint)
             return
