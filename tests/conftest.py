@@ -129,6 +129,39 @@ def train_data(tmp_path_factory):
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (``--master_port 0`` makes torchrun hang)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def training_logs(out) -> list[dict]:
+    """The training log lines (those with a loss) a run left in ``out/trainer_state.json``."""
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def logged_losses(out) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in training_logs(out)}
+
+
+def assert_same_losses(ref: dict, got: dict, steps, tol: float) -> None:
+    for step in steps:
+        assert abs(got[step] - ref[step]) < tol, (step, got[step], ref[step])
+
+
+def llava_inputs(processor, image_path, text: str = "What colour is the circle?") -> dict:
+    """Model inputs for one question about one image, rendered with the processor's chat template."""
+    from llavakit.data.images import open_image
+    from llavakit.infer.generate import user_message
+
+    prompt = processor.apply_chat_template([user_message(text, 1)], add_generation_prompt=True)
+    return processor(images=[open_image(image_path)], text=[prompt], return_tensors="pt")
+
+
 def script_flags(name: str) -> dict[str, str]:
     """The flags of a shipped script (scripts/v1_5/NAME.sh), as {flag: value}."""
     import shlex

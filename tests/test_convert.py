@@ -9,6 +9,8 @@ import torch
 from llavakit.cli import main as cli
 from llavakit.model.convert import read_weights
 
+from .conftest import llava_inputs
+
 MM_FIELDS = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
              "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad"}
@@ -48,15 +50,6 @@ def converted(original, backbones, tmp_path_factory):
     return out
 
 
-def _image_inputs(processor, image):
-    from llavakit.data.images import open_image
-    from llavakit.infer.generate import user_message
-
-    prompt = processor.apply_chat_template([user_message("What colour is the circle?", 1)],
-                                           add_generation_prompt=True)
-    return processor(images=[open_image(image)], text=[prompt], return_tensors="pt")
-
-
 def test_from_original_is_the_same_model_in_native_form(original, converted, backbones, train_data):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -85,7 +78,7 @@ def test_from_original_is_the_same_model_in_native_form(original, converted, bac
     ref = assemble(backbones["llm"], backbones["clip"]).model.eval()
     torch.save({k: v for k, v in original["state"].items() if "mm_projector" in k}, converted.parent / "p.bin")
     load_projector(ref.model.multi_modal_projector, str(converted.parent / "p.bin"))
-    inputs = _image_inputs(processor, os.path.join(train_data["images"], "coco", "1.jpg"))
+    inputs = llava_inputs(processor, os.path.join(train_data["images"], "coco", "1.jpg"))
     with torch.no_grad():
         a = model(**inputs).logits[..., : original["vocab"]]
         b = ref(**inputs).logits[..., : original["vocab"]]
@@ -129,8 +122,8 @@ def test_our_output_to_original_and_back_keeps_its_outputs(stage2, train_data, t
     image_id = a_model.config.image_token_index
     assert b_model.config.image_token_index == image_id
     img = os.path.join(train_data["images"], "coco", "2.jpg")
-    a_in = _image_inputs(AutoProcessor.from_pretrained(stage2["out"]), img)
-    b_in = _image_inputs(AutoProcessor.from_pretrained(again), img)
+    a_in = llava_inputs(AutoProcessor.from_pretrained(stage2["out"]), img)
+    b_in = llava_inputs(AutoProcessor.from_pretrained(again), img)
     assert torch.equal(a_in["input_ids"], b_in["input_ids"]) and torch.equal(a_in["pixel_values"],
                                                                              b_in["pixel_values"])
     with torch.no_grad():

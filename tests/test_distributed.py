@@ -7,17 +7,9 @@ import sys
 
 import pytest
 
-from .conftest import stage2_flags
+from .conftest import assert_same_losses, free_port, logged_losses, stage2_flags
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(r) -> str:
@@ -88,7 +80,7 @@ def test_deepspeed_launcher_zero2_stage1(backbones, train_data, tmp_path):
                                       resume_from_checkpoint=str(out / "checkpoint-2"))],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, tail(r)
-    ref, got = _losses(out), _losses(resumed)
+    ref, got = logged_losses(out), logged_losses(resumed)
     assert sorted(got) == sorted(ref) and all(abs(got[k] - ref[k]) < 1e-5 for k in range(3, 5) if k in ref)
 
 
@@ -120,11 +112,6 @@ def test_deepspeed_zero3_stage2_mixed_batches(backbones, train_data, tmp_path):
     assert model.config.model_type == "llava"
 
 
-def _losses(out):
-    state = json.loads((out / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
 def test_ddp_stage2_resume_matches_uninterrupted(backbones, train_data, tmp_path):
     """Two ranks, mixed micro-batches: N steps vs N/2 + resume + N/2 give the same per-step losses."""
     common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="False", per_device_train_batch_size=1,
@@ -133,16 +120,15 @@ def test_ddp_stage2_resume_matches_uninterrupted(backbones, train_data, tmp_path
     full = tmp_path / "full"
     r = torchrun(stage2_flags(backbones, train_data, full, "", **common))
     assert r.returncode == 0, tail(r)
-    ref = _losses(full)
+    ref = logged_losses(full)
     assert sorted(ref) == list(range(1, 9))
     resumed = tmp_path / "resumed"
     r = torchrun(stage2_flags(backbones, train_data, resumed, "", resume_from_checkpoint=str(full / "checkpoint-4"),
                               **common))
     assert r.returncode == 0, tail(r)
-    got = _losses(resumed)
+    got = logged_losses(resumed)
     assert sorted(got) == list(range(1, 9))
-    for step in range(5, 9):
-        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+    assert_same_losses(ref, got, range(5, 9), 1e-5)
 
 
 def test_ddp_lora_mixed_batches(backbones, train_data, stage1, tmp_path):
@@ -182,10 +168,9 @@ def test_ddp_losses_equal_a_single_process(backbones, train_data, tmp_path):
     r = torchrun(stage2_flags(backbones, train_data, out, "", per_device_train_batch_size=1,
                               ddp_find_unused_parameters="False", ddp_backend="gloo", **common))
     assert r.returncode == 0, tail(r)
-    got = _losses(out)
+    got = logged_losses(out)
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
-    for step in got:
-        assert abs(got[step] - ref[step]) < 1e-4, (step, got[step], ref[step])
+    assert_same_losses(ref, got, got, 1e-4)
 
 
 def test_deepspeed_zero2_lora_mixed_batches(backbones, train_data, stage1, tmp_path):
@@ -219,10 +204,9 @@ def test_deepspeed_zero3_stage1_and_stage2_resume(backbones, train_data, tmp_pat
     r = torchrun(stage2_flags(backbones, train_data, resumed, "", resume_from_checkpoint=str(full / "checkpoint-4"),
                               **common), timeout=400)
     assert r.returncode == 0, tail(r)
-    ref, got = _losses(full), _losses(resumed)
+    ref, got = logged_losses(full), logged_losses(resumed)
     assert sorted(got) == sorted(ref) == list(range(1, 9))
-    for step in range(5, 9):
-        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+    assert_same_losses(ref, got, range(5, 9), 1e-5)
 
 
 def test_deepspeed_zero3_lora_and_zero2_lora_resume(backbones, train_data, stage1, tmp_path):
@@ -246,10 +230,9 @@ def test_deepspeed_zero3_lora_and_zero2_lora_resume(backbones, train_data, stage
     r = torchrun(lora_flags(backbones, train_data, resumed, projector,
                             resume_from_checkpoint=str(full / "checkpoint-4"), **common), timeout=400)
     assert r.returncode == 0, tail(r)
-    ref, got = _losses(full), _losses(resumed)
+    ref, got = logged_losses(full), logged_losses(resumed)
     assert sorted(got) == sorted(ref) == list(range(1, 9))
-    for step in range(5, 9):
-        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+    assert_same_losses(ref, got, range(5, 9), 1e-5)
 
 
 def test_deepspeed_zero3_offload_stage1(backbones, train_data, tmp_path):

@@ -12,8 +12,7 @@ import pytest
 
 from llavakit.train.checkpoints import STAGING
 
-from .conftest import stage1_flags
-from .test_distributed import free_port
+from .conftest import assert_same_losses, free_port, logged_losses, stage1_flags
 
 #: runs llavakit train with a fault injected from outside the library (argv[1]: the flags as JSON)
 CHILD = r"""
@@ -46,11 +45,6 @@ sys.exit(main(json.loads(sys.argv[1])))
 """
 
 
-def _losses(out):
-    state = json.loads((out / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
 def _child(flags, fault, tmp_path, **env):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -68,7 +62,7 @@ def reference(backbones, train_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ref")
     run(stage1_flags(backbones, train_data, out, **COMMON, save_total_limit=1))
-    return _losses(out)
+    return logged_losses(out)
 
 
 def test_kill_9_mid_save_leaves_the_previous_checkpoint_and_resumes(backbones, train_data, reference, tmp_path):
@@ -95,10 +89,9 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint_and_resumes(backbones, t
     resumed = run(stage1_flags(backbones, train_data, out, **COMMON, save_total_limit=1,
                                resume_from_checkpoint="latest"))
     assert resumed.stopped is None and (out / "mm_projector.bin").is_file()
-    got = _losses(out)
+    got = logged_losses(out)
     assert sorted(got) == sorted(reference)
-    for step, loss in got.items():
-        assert abs(loss - reference[step]) < 1e-6, (step, loss, reference[step])
+    assert_same_losses(reference, got, got, 1e-6)
     assert not (out / STAGING / "checkpoint-4").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
 
@@ -120,9 +113,9 @@ def test_signal_saves_a_checkpoint_and_stops_cleanly(backbones, train_data, refe
 
     run(stage1_flags(backbones, train_data, out, **{**COMMON, "save_steps": 100}, save_total_limit=1,
                      resume_from_checkpoint="latest"))
-    got = _losses(out)
+    got = logged_losses(out)
     assert sorted(got) == sorted(reference)
-    assert all(abs(got[s] - reference[s]) < 1e-6 for s in got)
+    assert_same_losses(reference, got, got, 1e-6)
 
 
 @pytest.mark.slow

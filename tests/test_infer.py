@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,7 @@ import torch
 from llavakit.cli import main as cli
 from llavakit.model.build import ModelLoadError
 
-from .conftest import make_image
-
-
-def _inputs(processor, image_path, text="What colour is the circle?"):
-    from llavakit.data.images import open_image
-    from llavakit.infer.generate import user_message
-
-    prompt = processor.apply_chat_template([user_message(text, 1)], add_generation_prompt=True)
-    return processor(images=[open_image(image_path)], text=[prompt], return_tensors="pt")
+from .conftest import free_port, llava_inputs, make_image
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def test_merged_and_unmerged_lora_give_the_same_logits(merged, train_data, backb
     from llavakit.model.build import assemble
 
     processor = AutoProcessor.from_pretrained(merged["out"])
-    inputs = _inputs(processor, os.path.join(train_data["images"], "coco", "1.jpg"))
+    inputs = llava_inputs(processor, os.path.join(train_data["images"], "coco", "1.jpg"))
     base = assemble(backbones["llm"], backbones["clip"]).model.eval()
     with torch.no_grad():
         base_logits = base(**inputs).logits
@@ -69,8 +60,8 @@ def test_a_lora_directory_loads_for_inference_directly(lora_run, merged, train_d
     saved = load_llava(str(merged["out"]), device="cpu")
     assert direct.kind == "lora" and saved.kind == "llava-hf"
     with torch.no_grad():
-        a = direct.model(**_inputs(direct.processor, img)).logits
-        b = saved.model(**_inputs(saved.processor, img)).logits
+        a = direct.model(**llava_inputs(direct.processor, img)).logits
+        b = saved.model(**llava_inputs(saved.processor, img)).logits
     assert (a - b).abs().max() < 1e-4
 
 
@@ -196,15 +187,9 @@ def test_chat_streams_the_answer_and_keeps_the_history(stage2, train_data):
 
 
 # ---- serve ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(stage2):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", str(stage2["out"]),
                              "--port", str(port), "--max-new-tokens", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

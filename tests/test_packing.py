@@ -15,7 +15,7 @@ from llavakit.data.templates import get_template
 from llavakit.data.tokenize import ConversationEncoder
 from llavakit.train.entry import run
 
-from .conftest import stage2_flags
+from .conftest import stage2_flags, training_logs
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,6 @@ def test_packed_images_follow_the_rows(model_and_samples):
     assert torch.equal(packed["pixel_values"], transform.normalize(expected))
 
 
-def _logged(out):
-    state = json.loads((out / "trainer_state.json").read_text())
-    return [h for h in state["log_history"] if "loss" in h]
-
-
 def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_path):
     """The same steps, same samples per step: the same losses; only the padding is gone."""
     common = dict(max_steps=4, logging_steps=1, group_by_modality_length="False", per_device_train_batch_size=4,
@@ -95,7 +90,7 @@ def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_p
     projector = stage1["out"] / "mm_projector.bin"
     run(stage2_flags(backbones, train_data, tmp_path / "padded", projector, **common))
     run(stage2_flags(backbones, train_data, tmp_path / "packed", projector, packing="True", **common))
-    a, b = _logged(tmp_path / "padded"), _logged(tmp_path / "packed")
+    a, b = training_logs(tmp_path / "padded"), training_logs(tmp_path / "packed")
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
@@ -108,7 +103,7 @@ def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_p
 def test_mfu_is_logged_with_a_peak(backbones, train_data, stage1, tmp_path):
     run(stage2_flags(backbones, train_data, tmp_path / "o", stage1["out"] / "mm_projector.bin", max_steps=2,
                      logging_steps=1, peak_tflops=1.0))
-    logs = _logged(tmp_path / "o")
+    logs = training_logs(tmp_path / "o")
     assert all(h["mfu"] > 0 for h in logs)
 
 

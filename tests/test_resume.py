@@ -5,27 +5,22 @@ import torch
 from llavakit.model.projector import PROJECTOR_BIN
 from llavakit.train.entry import run
 
-from .conftest import stage1_flags
-
-
-def _losses(result):
-    return {h["step"]: h["loss"] for h in result.trainer.state.log_history if "loss" in h}
+from .conftest import assert_same_losses, logged_losses, stage1_flags
 
 
 def test_stage1_resume_matches_uninterrupted(backbones, train_data, tmp_path):
     common = {"save_steps": 2, "save_total_limit": None, "per_device_train_batch_size": 2,
               "num_train_epochs": 1, "warmup_ratio": 0.25}
-    full = run(stage1_flags(backbones, train_data, tmp_path / "full", **common))
-    ref = _losses(full)
+    run(stage1_flags(backbones, train_data, tmp_path / "full", **common))
+    ref = logged_losses(tmp_path / "full")
     assert len(ref) == 8
     half = tmp_path / "full" / "checkpoint-4"
     assert (half / PROJECTOR_BIN).is_file()
     resumed = run(stage1_flags(backbones, train_data, tmp_path / "resumed", resume_from_checkpoint=str(half),
                                **common))
-    got = _losses(resumed)  # steps 1-4 come from the checkpoint's state, 5-8 were run after resuming
+    got = logged_losses(tmp_path / "resumed")  # steps 1-4 come from the checkpoint's state, 5-8 were run after it
     assert sorted(got) == list(range(1, 9)) and resumed.trainer.samples_seen == 8
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) < 1e-6, (step, loss, ref[step])
+    assert_same_losses(ref, got, got, 1e-6)
     a = torch.load(tmp_path / "full" / PROJECTOR_BIN, weights_only=True)
     b = torch.load(tmp_path / "resumed" / PROJECTOR_BIN, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -40,17 +35,16 @@ def test_lora_resume_matches_uninterrupted(backbones, train_data, stage1, tmp_pa
     projector = stage1["out"] / PROJECTOR_BIN
     common = {"save_steps": 2, "save_total_limit": None, "per_device_train_batch_size": 4, "num_train_epochs": 1,
               "warmup_ratio": 0.25}
-    full = run(lora_flags(backbones, train_data, tmp_path / "full", projector, **common))
-    ref = _losses(full)
+    run(lora_flags(backbones, train_data, tmp_path / "full", projector, **common))
+    ref = logged_losses(tmp_path / "full")
     assert len(ref) == 4
     half = tmp_path / "full" / "checkpoint-2"
     assert (half / "adapter_model.safetensors").is_file()
-    resumed = run(lora_flags(backbones, train_data, tmp_path / "resumed", projector,
+    run(lora_flags(backbones, train_data, tmp_path / "resumed", projector,
                              resume_from_checkpoint=str(half), **common))
-    got = _losses(resumed)
+    got = logged_losses(tmp_path / "resumed")
     assert sorted(got) == [1, 2, 3, 4]
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) < 1e-6, (step, loss, ref[step])
+    assert_same_losses(ref, got, got, 1e-6)
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -65,14 +59,13 @@ def test_stage2_full_resume_matches_uninterrupted(backbones, train_data, tmp_pat
 
     common = {"pretrain_mm_mlp_adapter": None, "save_steps": 4, "save_total_limit": None, "logging_steps": 1,
               "per_device_train_batch_size": 2, "group_by_modality_length": "False"}
-    full = run(stage2_flags(backbones, train_data, tmp_path / "full", "", **common))
-    ref = _losses(full)
-    resumed = run(stage2_flags(backbones, train_data, tmp_path / "resumed", "",
+    run(stage2_flags(backbones, train_data, tmp_path / "full", "", **common))
+    ref = logged_losses(tmp_path / "full")
+    run(stage2_flags(backbones, train_data, tmp_path / "resumed", "",
                                resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"), **common))
-    got = _losses(resumed)
+    got = logged_losses(tmp_path / "resumed")
     assert sorted(got) == sorted(ref) == list(range(1, 9))
-    for step in range(5, 9):
-        assert abs(got[step] - ref[step]) < 1e-6, (step, got[step], ref[step])
+    assert_same_losses(ref, got, range(5, 9), 1e-6)
     a = load_file(tmp_path / "full" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
