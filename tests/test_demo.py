@@ -38,6 +38,22 @@ def test_synthetic_data_is_deterministic_and_well_formed(tmp_path):
     assert chance_accuracy(heldout) <= 0.35
 
 
+def test_no_training_turn_gives_away_another_turns_answer(tmp_path):
+    """A question that names an object by its colour must not sit beside one asking that colour: a model would
+    learn to answer from the text instead of the image."""
+    write_dataset(tmp_path, 300, 1, 56, seed=0)
+    instruct = json.loads((tmp_path / "instruct.json").read_text())
+    conversations = [r["conversations"] for r in instruct if "image" in r]
+    assert len(conversations) == 300
+    for conv in conversations:
+        pairs = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
+        qa = [(q, a) for q, a in pairs if q != "Describe the image briefly."]
+        assert len(qa) >= 2 and qa[0][0].count("<image>") == 1
+        for k, (_, answer) in enumerate(qa):
+            for j, (question, _) in enumerate(qa):
+                assert j == k or answer not in question.replace("?", "").split(), conv
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
