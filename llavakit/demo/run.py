@@ -100,14 +100,16 @@ def evaluate(predictor, heldout: list[dict], image_root: Path) -> dict:
 def chat_texts(records: list[dict]) -> list[str]:
     """Conversations as text for a chat LM: in the Vicuna v1 format, without their images."""
     from llavakit import IMAGE_PLACEHOLDER
-    from llavakit.data.records import GPT, HUMAN, Turn
+    from llavakit.data.records import InvalidRecordsError, Turn, check_record
     from llavakit.data.templates import get_template
 
     template = get_template("v1")
     out = []
-    for r in records:
-        turns = [Turn(HUMAN if t["from"] == "human" else GPT, t["value"].replace(IMAGE_PLACEHOLDER, "").strip())
-                 for t in r["conversations"]]
+    for i, raw in enumerate(records):
+        record, problems = check_record(raw, i, "demo conversations")
+        if record is None:
+            raise InvalidRecordsError("demo conversations", problems)
+        turns = [Turn(t.role, t.text.replace(IMAGE_PLACEHOLDER, "").strip()) for t in record.turns]
         out.append("".join(seg.text for seg in template.render(turns)))
     return out
 
@@ -168,7 +170,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed)
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
-    instruct = json.loads(Path(files["instruct"]).read_text())
+    instruct = data["instruct"]
     print(f"    {len(data['captions'])} caption records, {len(instruct)} instruction records, "
           f"{len(heldout)} held-out questions", flush=True)
 

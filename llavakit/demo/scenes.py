@@ -177,7 +177,7 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
     files["captions"].write_text(json.dumps(captions, indent=1))
     files["instruct"].write_text(json.dumps(instruct, indent=1))
     files["heldout"].write_text("".join(json.dumps(q) + "\n" for q in heldout))
-    return {"files": {k: str(v) for k, v in files.items()}, "captions": captions,
+    return {"files": {k: str(v) for k, v in files.items()}, "captions": captions, "instruct": instruct,
             "scenes": scenes}
 
 
