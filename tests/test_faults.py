@@ -132,3 +132,27 @@ def test_ddp_one_rank_signalled_stops_both_at_the_same_step(backbones, train_dat
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_a_launched_rank_ends_without_interpreter_teardown(tmp_path, launched):
+    """A rank started by a launcher leaves through os._exit once its work is done (the interpreter's teardown
+    can abort after a successful DeepSpeed run): exit handlers still run, printed output still arrives and the
+    exit code is the run's. Without a launcher the code is returned to the caller."""
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from llavakit.train.entry import _end_launched_rank\n"
+        f"atexit.register(lambda: pathlib.Path({str(tmp_path / 'handler')!r}).write_text('ran'))\n"
+        "print('last line', end='')\n"
+        "code = _end_launched_rank(3)\n"
+        "print(' returned', code, end='')\n"
+        "sys.exit(code + 1)\n")
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    if launched:
+        env["LOCAL_RANK"] = "0"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (tmp_path / "handler").read_text() == "ran"
+    if launched:
+        assert (r.returncode, r.stdout) == (3, "last line")
+    else:
+        assert (r.returncode, r.stdout) == (4, "last line returned 3")
