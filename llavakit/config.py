@@ -74,6 +74,10 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = field(default=None)
     group_by_modality_length: bool = field(default=False)
     group_by_length: bool = field(default=False)
+    length_group_steps: int = field(default=1, metadata={
+        "help": "with --group_by_modality_length / --group_by_length: sort samples by length over this many "
+                "optimizer steps' samples (default 1, the original's; on one device that leaves the padding "
+                "as it is — 50 or more cuts it to a few percent)"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over in an output dir that already holds checkpoints"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
@@ -225,6 +229,11 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     if t.packing_max_length is not None and t.packing_max_length < t.model_max_length:
         errors.append(f"--packing_max_length {t.packing_max_length} is shorter than --model_max_length "
                       f"{t.model_max_length}: a sample must fit a packed row")
+    if t.length_group_steps < 1:
+        errors.append(f"--length_group_steps {t.length_group_steps}: use 1 or more")
+    elif t.length_group_steps > 1 and not (t.group_by_modality_length or t.group_by_length):
+        errors.append("--length_group_steps sorts the batches of --group_by_modality_length or --group_by_length; "
+                      "add one of them")
     if t.lora_bias not in ("none", "all", "lora_only"):
         errors.append(f"--lora_bias {t.lora_bias!r}: use none, all or lora_only")
     if t.model_max_length < 8:

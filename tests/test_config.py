@@ -47,6 +47,8 @@ def test_yaml_config_with_flag_overrides(backbones, train_data, tmp_path):
     (["--bits", "8"], "add --lora_enable True"),
     (["--pretrain_mm_mlp_adapter", "/nope/mm_projector.bin"], "no such file"),
     (["--data_path", "/nope.json"], "no such file or directory"),
+    (["--length_group_steps", "0"], "--length_group_steps 0: use 1 or more"),
+    (["--length_group_steps", "50"], "add one of them"),
 ])
 def test_bad_flags_are_clear_errors(backbones, train_data, tmp_path, extra, message):
     with pytest.raises(ConfigError) as e:

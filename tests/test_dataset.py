@@ -162,3 +162,36 @@ def test_plain_length_grouping_mixes_modalities():
     batches = list(LengthGroupedBatchSampler(mod_lengths, 10, group_by_modality=False, seed=0))
     assert sorted(i for b in batches for i in b) == list(range(100))
     assert any(len({bool(has_image[i]) for i in b}) == 2 for b in batches)
+
+
+def real_fraction(batches, lengths):
+    return sum(lengths[b].sum() for b in batches) / sum(len(b) * lengths[b].max() for b in batches)
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 2)])
+def test_a_window_of_steps_cuts_padding_and_keeps_each_step_together(world, accum):
+    mod_lengths, has_image = sampler_lengths(2000, seed=5)
+    lengths = np.abs(mod_lengths)
+    one = LengthGroupedBatchSampler(mod_lengths, 8, world, accum, group_by_modality=True, seed=2)
+    wide = LengthGroupedBatchSampler(mod_lengths, 8, world, accum, group_by_modality=True, seed=2, window_steps=20)
+    batches = list(wide)
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+    assert all(len({bool(has_image[i]) for i in b}) == 1 for b in batches)
+    assert list(LengthGroupedBatchSampler(mod_lengths, 8, world, accum, True, seed=2, window_steps=20)) == batches
+    assert real_fraction(batches, lengths) > 0.95 > real_fraction(list(one), lengths) + 0.1
+    cost = [len(b) * lengths[b].max() for b in batches]
+    assert cost[0] == max(cost)  # the most expensive batch still goes first
+    # the batches of one optimizer step (across ranks and accumulation) have similar lengths ...
+    step = world * accum
+    full = len(batches) // step * step
+    spread = [np.ptp([lengths[b].mean() for b in batches[k:k + step]]) for k in range(0, full, step)]
+    assert np.median(spread) < 0.1 * lengths.mean() or step == 1
+    # ... and the window's steps are shuffled, not visited longest first
+    means = [lengths[b].mean() for b in batches[1:21 * step:step]]
+    assert not (np.all(np.diff(means) <= 0) or np.all(np.diff(means) >= 0))
+
+
+def test_window_of_one_step_is_the_original_order():
+    mod_lengths, _ = sampler_lengths(300, seed=4)
+    a = list(LengthGroupedBatchSampler(mod_lengths, 4, 2, 1, group_by_modality=True, seed=3))
+    assert list(LengthGroupedBatchSampler(mod_lengths, 4, 2, 1, group_by_modality=True, seed=3, window_steps=1)) == a

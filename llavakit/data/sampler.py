@@ -7,9 +7,14 @@ by length within each megabatch and cut into batches — so the batches of one o
 lengths across ranks. Megabatches are then shuffled, and the megabatch holding the most expensive batch
 goes first, with that batch first, so an out-of-memory shows at step 0 rather than hours in.
 
+``window_steps`` (``--length_group_steps``) widens a megabatch to that many optimizer steps' samples: on
+one device the original's megabatch is a single batch, so sorting it leaves the padding as it was; sorted
+over a window of steps, each batch holds samples of similar length. The window's steps are shuffled
+(each step's batches stay together), so lengths are not visited longest-first within it.
+
 Consecutive batches are dealt to ranks round-robin (batch ``k`` to rank ``k % world_size``), as
 accelerate does with a batch sampler. A modality's last, partial batch keeps its modality: partial
-batches come last.
+batches come last, after each modality's last megabatch when that one is short of a full step.
 """
 
 from __future__ import annotations
@@ -22,15 +27,20 @@ from torch.utils.data import Sampler
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths, batch_size: int, world_size: int = 1, grad_accum: int = 1,
-                 group_by_modality: bool = False, has_image=None, seed: int = 0, drop_last: bool = False):
+                 group_by_modality: bool = False, has_image=None, seed: int = 0, drop_last: bool = False,
+                 window_steps: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if window_steps < 1:
+            raise ValueError(f"--length_group_steps must be >= 1, got {window_steps}")
         self.lengths = np.abs(np.asarray(lengths, dtype=np.int64))
         if has_image is None:
             has_image = np.asarray(lengths) > 0 if group_by_modality else np.ones(len(self.lengths), bool)
         self.has_image = np.asarray(has_image, dtype=bool)
         self.batch_size = batch_size
-        self.megabatch = batch_size * max(1, world_size) * max(1, grad_accum)
+        self.step_batches = max(1, world_size) * max(1, grad_accum)  # the batches of one optimizer step
+        self.window_steps = window_steps
+        self.megabatch = batch_size * self.step_batches * window_steps
         self.group_by_modality = group_by_modality
         self.seed = seed
         self.epoch = 0
@@ -51,6 +61,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         megabatches: list[list[np.ndarray]] = []
         partial: list[np.ndarray] = []
+        short: list[list[np.ndarray]] = []
         for group in self._groups():
             if len(group) == 0:
                 continue
@@ -61,6 +72,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 full = [mb[b:b + self.batch_size] for b in range(0, len(mb), self.batch_size)]
                 if len(full[-1]) < self.batch_size:
                     partial.append(full.pop())
+                whole = len(full) - len(full) % self.step_batches
+                if full[whole:]:  # a modality's last batches short of a whole step: last, so that every
+                    short.append(full[whole:])  # step before them has its batches together
+                    full = full[:whole]
+                if len(full) > self.step_batches:  # a window of several steps: shuffle its steps
+                    steps = [full[b:b + self.step_batches] for b in range(0, len(full), self.step_batches)]
+                    full = [batch for k in rng.permutation(len(steps)) for batch in steps[k]]
                 if full:
                     megabatches.append(full)
         order = rng.permutation(len(megabatches))
@@ -71,8 +89,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             megabatches.insert(0, megabatches.pop(first))
             mb0 = megabatches[0]
             k = int(np.argmax([len(b) * int(self.lengths[b].max()) for b in mb0]))
-            mb0.insert(0, mb0.pop(k))
-        out = [b.tolist() for mb in megabatches for b in mb]
+            first_step = k - k % self.step_batches  # that batch's step goes first, with that batch first
+            step = mb0[first_step:first_step + self.step_batches]
+            step.insert(0, step.pop(k - first_step))
+            megabatches[0] = step + mb0[:first_step] + mb0[first_step + self.step_batches:]
+        out = [b.tolist() for mb in megabatches + short for b in mb]
         if not self.drop_last:
             out += [b.tolist() for b in partial]
         self._cached = (self.epoch, out)

@@ -91,7 +91,7 @@ class LlavaTrainer(Trainer):
         sampler = LengthGroupedBatchSampler(
             ds.modality_lengths, args.per_device_train_batch_size, args.world_size,
             args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
-            has_image=ds.index.has_image, seed=args.seed)
+            has_image=ds.index.has_image, seed=args.seed, window_steps=args.length_group_steps)
         params = {"batch_sampler": sampler, "collate_fn": self.data_collator,
                   "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
                   "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
