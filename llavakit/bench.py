@@ -9,6 +9,7 @@ per-device batches (16 per device × 8 devices) three ways:
 * the original's: modality-grouped megabatches of 128, each split into 8 "even" chunks that balance the
   total length per device (so every device batch mixes long and short samples), padded to the longest;
 * llavakit's grouping: the same megabatches, sorted and cut into contiguous batches of similar lengths;
+  and sorted over 50 steps' samples (``--length_group_steps 50``);
 * packed: the same batches without padding (one row per micro-batch, FlashAttention-2 varlen), and in rows
   of at most 2,048 tokens (what SDPA / eager would use).
 
@@ -73,11 +74,11 @@ def original_batches(lengths: np.ndarray, has_image: np.ndarray, batch: int = 16
 
 
 def grouped_batches(lengths: np.ndarray, has_image: np.ndarray, batch: int = 16, world: int = 8,
-                    seed: int = 0) -> list[list[int]]:
+                    seed: int = 0, window_steps: int = 1) -> list[list[int]]:
     from llavakit.data.sampler import LengthGroupedBatchSampler
 
     return LengthGroupedBatchSampler(lengths, batch, world, group_by_modality=True, has_image=has_image,
-                                     seed=seed).batches()
+                                     seed=seed, window_steps=window_steps).batches()
 
 
 def real_fraction_padded(batches: list[list[int]], lengths: np.ndarray) -> float:
@@ -104,6 +105,8 @@ def bench_padding(seed: int = 0, batch: int = 16, world: int = 8) -> dict:
     return {
         "original_real_fraction": round(real_fraction_padded(orig, lengths), 4),
         "grouped_real_fraction": round(real_fraction_padded(ours, lengths), 4),
+        "grouped_50_steps_real_fraction": round(real_fraction_padded(
+            grouped_batches(lengths, has_image, batch, world, seed, window_steps=50), lengths), 4),
         "packed_real_fraction": round(real_fraction_rows(ours, lengths, None), 4),
         "packed_rows_2048_real_fraction": round(real_fraction_rows(ours, lengths, MAX_LEN), 4),
         "records": int(len(lengths)), "text_only_fraction": round(float((~has_image).mean()), 4),

@@ -114,6 +114,7 @@ def test_bench_padding_reports_the_three_ways():
     assert r["records"] == 665298 and 0.05 < r["text_only_fraction"] < 0.07
     assert 850 < r["lengths"]["mean"] < 900 and r["lengths"]["p99"] <= 2048
     assert r["original_real_fraction"] < r["grouped_real_fraction"] < r["packed_real_fraction"] == 1.0
+    assert r["grouped_real_fraction"] < r["grouped_50_steps_real_fraction"] > 0.97
 
 
 @pytest.mark.slow
