@@ -72,3 +72,25 @@ def test_quick_demo_end_to_end(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     assert AutoModelForImageTextToText.from_pretrained(out / "stage2").config.model_type == "llava"
+
+
+def test_some_training_negatives_need_binding(tmp_path):
+    """Some "no" answers name a colour and a shape that are both in the image, on different objects: only a
+    model that binds colour to shape answers them."""
+    data = write_dataset(tmp_path, 400, 1, 56, seed=0)
+    binding = 0
+    for r in data["instruct"]:
+        if "image" not in r:
+            continue
+        scene = data["scenes"][r["image"]]
+        conv = r["conversations"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            words = q["value"].replace("<image>", "").replace("?", "").split()
+            if words[:3] != ["Is", "there", "a"]:
+                continue
+            colour, shape = words[3:5]
+            together = any(o.colour == colour and o.shape == shape for o in scene.objects)
+            assert a["value"] == ("yes" if together else "no")
+            binding += (not together and colour in {o.colour for o in scene.objects}
+                        and shape in {o.shape for o in scene.objects})
+    assert binding >= 20

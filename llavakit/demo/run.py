@@ -51,13 +51,16 @@ class DemoConfig:
     stage1_epochs: int = 1
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
-    stage2_epochs: int = 22
+    stage2_epochs: int = 34
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     # --mm_projector_lr: the projector moves slowly while the language model learns to read it; at the
     # language model's rate the projector amplifies colour until shape is unreadable (measured)
     stage2_projector_lr: float = 1e-4
-    packing: bool = False  # measured: slower here (short samples, little padding, SDPA block masks)
+    packing: bool = False  # measured: slower here (short samples, SDPA block masks)
+    # sort by length over 8 steps' samples: 95% of the stage-2 tokens are real instead of 70%; an epoch
+    # takes 17.5 s instead of 22 s (measured)
+    length_group_steps: int = 8
 
 
 QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage2_epochs=8)
@@ -203,21 +206,23 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     common = dict(model_name_or_path=llm_dir, vision_tower=clip_dir, image_folder=image_root,
                   mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_use_im_start_end=False,
                   mm_use_im_patch_token=False, evaluation_strategy="no", save_strategy="no", weight_decay=0.0,
-                  warmup_ratio=0.03, lr_scheduler_type="cosine", logging_steps=5, model_max_length=512,
+                  warmup_ratio=0.03, lr_scheduler_type="cosine", model_max_length=512,
                   dataloader_num_workers=0, report_to="none", seed=seed, disable_tqdm=True)
     p.step("3/5 stage 1: feature alignment (projector only, --version plain)")
     s1 = out / "stage1"
     _stop_if_interrupted(train(_train_flags(
         **common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True, output_dir=s1,
         num_train_epochs=cfg.stage1_epochs, per_device_train_batch_size=cfg.stage1_batch,
-        learning_rate=cfg.stage1_lr)))
+        learning_rate=cfg.stage1_lr, logging_steps=5)))
     p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)")
     s2 = out / "stage2"
     _stop_if_interrupted(train(_train_flags(
         **common, version="v1", data_path=files["instruct"], pretrain_mm_mlp_adapter=s1 / "mm_projector.bin",
-        image_aspect_ratio="pad", group_by_modality_length=True, packing=cfg.packing, output_dir=s2,
+        image_aspect_ratio="pad", group_by_modality_length=True, length_group_steps=cfg.length_group_steps,
+        packing=cfg.packing, output_dir=s2,
         num_train_epochs=cfg.stage2_epochs, per_device_train_batch_size=cfg.stage2_batch,
-        learning_rate=cfg.stage2_lr, mm_projector_lr=cfg.stage2_projector_lr)))
+        learning_rate=cfg.stage2_lr, mm_projector_lr=cfg.stage2_projector_lr,
+        logging_steps=25)))  # a log line every ~2 s
 
     p.step("4/5 evaluation on held-out images")
     from llavakit.data.templates import get_template

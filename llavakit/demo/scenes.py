@@ -84,8 +84,13 @@ def caption(scene: Scene) -> str:
     return (", ".join(parts[:-1]) + " and " + parts[-1]).capitalize() + "."
 
 
-def ask(kind: str, o: Obj, scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    """One (type, question, answer) about object ``o`` of ``scene``."""
+def ask(kind: str, o: Obj, scene: Scene, rng: random.Random, decoys: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    """One (type, question, answer) about object ``o`` of ``scene``.
+
+    A yes/no question is "yes" half the time; a "no" names a colour absent from the scene, or, when
+    ``decoys`` (colours of other objects in the scene) are given, half the time one of those on ``o``'s
+    shape: both are in the image, just not together, so only binding colour to shape answers it.
+    """
     if kind == "colour":
         return kind, f"What colour is the {o.shape}?", o.colour
     if kind == "shape":
@@ -96,6 +101,8 @@ def ask(kind: str, o: Obj, scene: Scene, rng: random.Random) -> tuple[str, str, 
         return kind, "How many shapes are there?", COUNTS[len(scene.objects)]
     if rng.random() < 0.5:
         return "yes/no", f"Is there a {o.colour} {o.shape}?", "yes"
+    if decoys and rng.random() < 0.5:
+        return "yes/no", f"Is there a {rng.choice(decoys)} {o.shape}?", "no"
     absent = [c for c in COLOURS if c not in {x.colour for x in scene.objects}]
     return "yes/no", f"Is there a {rng.choice(absent)} {o.shape}?", "no"
 
@@ -116,10 +123,15 @@ def conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]
     One question per object, so that no turn gives away another turn's answer (asking the colour of the
     circle and then the shape of the red object lets a model answer from the text alone). Colour questions
     come twice as often as each other kind: they are the only ones that must find the object by its shape,
-    which the tiny model learns last (measured).
+    which the tiny model learns last (measured). Some "no" questions pair a colour and a shape that are both
+    in the image on different objects, so that existence questions also need colour bound to shape.
     """
+    kinds = [rng.choice(TRAINING_KINDS) for _ in scene.objects]
     qs = [ask("count", scene.objects[0], scene, rng)]
-    qs += [ask(rng.choice(TRAINING_KINDS), o, scene, rng) for o in scene.objects]
+    for o, kind in zip(scene.objects, kinds):
+        # a decoy colour is never the answer of another turn
+        decoys = tuple(x.colour for x, k in zip(scene.objects, kinds) if x is not o and k != "colour")
+        qs.append(ask(kind, o, scene, rng, decoys))
     rng.shuffle(qs)
     return qs
 
