@@ -13,8 +13,9 @@ over a window of steps, each batch holds samples of similar length. The window's
 (each step's batches stay together), so lengths are not visited longest-first within it.
 
 Consecutive batches are dealt to ranks round-robin (batch ``k`` to rank ``k % world_size``), as
-accelerate does with a batch sampler. A modality's last, partial batch keeps its modality: partial
-batches come last, after each modality's last megabatch when that one is short of a full step.
+accelerate does with a batch sampler. A modality's batches that do not fill a whole optimizer step come
+after every whole step (so each step's batches stay together across ranks), and its last, partial batch,
+which keeps its modality, comes last.
 """
 
 from __future__ import annotations
