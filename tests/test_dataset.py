@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llavakit import IGNORE_INDEX
+from llavakit.bench import real_fraction_padded
 from llavakit.data.collate import LlavaCollator
 from llavakit.data.dataset import DataQualityError, LlavaDataset, build_sample_index
 from llavakit.data.images import ImageTransform
@@ -164,10 +165,6 @@ def test_plain_length_grouping_mixes_modalities():
     assert any(len({bool(has_image[i]) for i in b}) == 2 for b in batches)
 
 
-def real_fraction(batches, lengths):
-    return sum(lengths[b].sum() for b in batches) / sum(len(b) * lengths[b].max() for b in batches)
-
-
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 2)])
 def test_a_window_of_steps_cuts_padding_and_keeps_each_step_together(world, accum):
     mod_lengths, has_image = sampler_lengths(2000, seed=5)
@@ -178,7 +175,7 @@ def test_a_window_of_steps_cuts_padding_and_keeps_each_step_together(world, accu
     assert sorted(i for b in batches for i in b) == list(range(2000))
     assert all(len({bool(has_image[i]) for i in b}) == 1 for b in batches)
     assert list(LengthGroupedBatchSampler(mod_lengths, 8, world, accum, True, seed=2, window_steps=20)) == batches
-    assert real_fraction(batches, lengths) > 0.95 > real_fraction(list(one), lengths) + 0.1
+    assert real_fraction_padded(batches, lengths) > 0.95 > real_fraction_padded(list(one), lengths) + 0.1
     cost = [len(b) * lengths[b].max() for b in batches]
     assert cost[0] == max(cost)  # the most expensive batch still goes first
     # the batches of one optimizer step (across ranks and accumulation) have similar lengths ...

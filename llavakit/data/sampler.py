@@ -40,7 +40,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.has_image = np.asarray(has_image, dtype=bool)
         self.batch_size = batch_size
         self.step_batches = max(1, world_size) * max(1, grad_accum)  # the batches of one optimizer step
-        self.window_steps = window_steps
         self.megabatch = batch_size * self.step_batches * window_steps
         self.group_by_modality = group_by_modality
         self.seed = seed
