@@ -104,3 +104,34 @@ def test_missing_and_corrupt_images_raise_image_load_error(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 2])
     with pytest.raises(ImageLoadError):
         open_image(tmp_path / "trunc.jpg")
+
+
+@pytest.mark.parametrize("resample", [Image.BICUBIC, Image.BILINEAR, Image.LANCZOS, Image.BOX])
+def test_pad_mode_fast_path_is_byte_identical_to_padding_first(resample):
+    """Wide images skip resampling their padding rows; every size must give the bytes of the padded square."""
+    rng = np.random.default_rng(resample)
+    sizes = [(640, 480), (640, 427), (500, 375), (641, 480), (337, 336), (1024, 17), (57, 56), (60, 2),
+             (336, 200), (100, 99)] + [(int(w), int(rng.integers(1, w))) for w in rng.integers(20, 900, 40)]
+    for edge in (56, 336):
+        t = ImageTransform(shortest_edge=edge, crop_hw=(edge, edge), resample=resample, aspect_ratio="pad")
+        for w, h in sizes:
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            im.paste(tuple(int(c) for c in rng.integers(0, 256, 3)), (0, 0, max(1, w // 4), h))  # flat areas
+            padded = expand2square(im, t.background).resize((edge, edge), resample=resample)
+            ref = np.asarray(padded).transpose(2, 0, 1)
+            assert np.array_equal(t.to_uint8(im), ref), (edge, w, h)
+
+
+def test_input_path_benchmark_runs_and_both_paths_give_the_same_pixels():
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "input_path.py"), "--n", "16", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["same_pixels"] is True and out["n"] == 16
+    assert out["llavakit_samples_per_second"] > 0 and out["original_samples_per_second"] > 0
