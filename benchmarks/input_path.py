@@ -14,8 +14,10 @@ the last batch of each path is compared: the script stops unless the pixels are 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +68,7 @@ def main() -> None:
     from llavakit.model.build import prepare_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="llavakit-input-"))
+    atexit.register(shutil.rmtree, root, True)
     records = make_data(root, args.n)
     (root / "data.json").write_text(json.dumps(records))
     tok = train_tokenizer([" ".join(WORDS)] * 50 + [VICUNA_V1.system] * 10, vocab_size=400)

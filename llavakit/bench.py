@@ -128,7 +128,10 @@ def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | N
     from llavakit.demo.backbones import tiny_clip, tiny_llama, train_tokenizer
     from llavakit.train.entry import run
 
-    root = Path(workdir or tempfile.mkdtemp(prefix="llavakit-bench-"))
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="llavakit-bench-") as tmp:
+            return bench_train(steps, batch, seed, tmp, rows_of)
+    root = Path(workdir)
     rng = random.Random(seed)
     words = "the a red blue green circle square image left right top bottom there is of and".split()
     corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]

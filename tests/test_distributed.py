@@ -42,13 +42,27 @@ def test_ddp_mixed_batches_no_unused_parameter_error(backbones, train_data, tmp_
     assert len(losses) == 8 and all(x == x for x in losses)
 
 
-def test_ddp_modality_grouped(backbones, train_data, tmp_path):
-    out = tmp_path / "ddp_grouped"
-    r = torchrun(stage2_flags(backbones, train_data, out, "", pretrain_mm_mlp_adapter=None,
-                              per_device_train_batch_size=2, ddp_find_unused_parameters="False",
-                              ddp_backend="gloo"))
+def test_ddp_packed_modality_grouped_equals_a_single_padded_process(backbones, train_data, tmp_path):
+    """Packing inside modality-grouped batches under DDP: 2 ranks × 2 samples, each rank's pair packed into
+    one row, give the losses of one process × 4 padded samples (the same samples per step)."""
+    from llavakit.train.entry import run
+
+    common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="True", logging_steps=1, max_steps=4,
+                  save_strategy="no")
+    single = run(stage2_flags(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=4,
+                              **common))
+    ref = {h["step"]: h["loss"] for h in single.trainer.state.log_history if "loss" in h}
+    out = tmp_path / "ddp_packed"
+    r = torchrun(stage2_flags(backbones, train_data, out, "", per_device_train_batch_size=2, packing="True",
+                              ddp_find_unused_parameters="False", ddp_backend="gloo", **common))
     assert r.returncode == 0, tail(r)
     assert "stage 2 (full) done" in r.stdout
+    got = logged_losses(out)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    assert_same_losses(ref, got, got, 1e-4)
+    from .conftest import training_logs
+
+    assert all(h["real_token_fraction"] == 1.0 for h in training_logs(out))
 
 
 def test_deepspeed_launcher_zero2_stage1(backbones, train_data, tmp_path):
@@ -247,13 +261,16 @@ def test_deepspeed_zero3_offload_stage1(backbones, train_data, tmp_path):
     assert (out / "mm_projector.bin").is_file()
 
 
-def test_deepspeed_zero2_stage2(backbones, train_data, tmp_path):
-    """Full stage 2 under ZeRO-2."""
-    from .conftest import REPO
+def test_deepspeed_zero2_stage2_packed(backbones, train_data, tmp_path):
+    """Full stage 2 under ZeRO-2, packed: rows that mix image and text-only samples, no padding."""
+    from .conftest import REPO, training_logs
 
     out = tmp_path / "z2s2"
     r = torchrun(stage2_flags(backbones, train_data, out, "", pretrain_mm_mlp_adapter=None,
                               deepspeed=REPO / "scripts" / "zero2.json", group_by_modality_length="False",
-                              per_device_train_batch_size=1, max_steps=2), timeout=400)
+                              per_device_train_batch_size=2, max_steps=2, packing="True", logging_steps=1),
+                 timeout=400)
     assert r.returncode == 0, tail(r)
     assert (out / "model.safetensors").is_file()
+    logs = training_logs(out)
+    assert len(logs) == 2 and all(h["real_token_fraction"] == 1.0 and h["loss"] == h["loss"] for h in logs)

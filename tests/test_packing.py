@@ -83,19 +83,34 @@ def test_packed_images_follow_the_rows(model_and_samples):
     assert torch.equal(packed["pixel_values"], transform.normalize(expected))
 
 
-def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_path):
-    """The same steps, same samples per step: the same losses; only the padding is gone."""
+@pytest.mark.parametrize("stage", ["stage2", "lora", "stage1"])
+def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_path, stage):
+    """The same steps, same samples per step: the same losses; only the padding is gone (stage 2 full and
+    LoRA on mixed image / text-only batches, stage 1 on captions)."""
+    from .conftest import lora_flags, stage1_flags
+
     common = dict(max_steps=4, logging_steps=1, group_by_modality_length="False", per_device_train_batch_size=4,
-                  attn_implementation="sdpa")
+                  attn_implementation="sdpa", save_strategy="no")
     projector = stage1["out"] / "mm_projector.bin"
-    run(stage2_flags(backbones, train_data, tmp_path / "padded", projector, **common))
-    run(stage2_flags(backbones, train_data, tmp_path / "packed", projector, packing="True", **common))
+    if stage == "stage1":
+        def flags(out, **kw):
+            return stage1_flags(backbones, train_data, out, **kw)
+    else:
+        make = lora_flags if stage == "lora" else stage2_flags
+        if stage == "lora":
+            common["lora_dropout"] = 0.0  # dropout masks follow the tensor shapes, which packing changes
+
+        def flags(out, **kw):
+            return make(backbones, train_data, out, projector, **kw)
+    run(flags(tmp_path / "padded", **common))
+    run(flags(tmp_path / "packed", packing="True", **common))
     a, b = training_logs(tmp_path / "padded"), training_logs(tmp_path / "packed")
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
     assert all(h["real_token_fraction"] == 1.0 for h in b)
-    assert any(h["real_token_fraction"] < 1.0 for h in a)  # (a batch of equal lengths has no padding)
+    if stage != "stage1":  # (the test captions are all as long, so stage 1's padded batches have no padding)
+        assert any(h["real_token_fraction"] < 1.0 for h in a)
     for h in b:
         assert h["samples_per_second"] > 0 and h["real_tokens_per_second"] > 0 and 0 <= h["data_wait_fraction"] <= 1
 
@@ -115,6 +130,19 @@ def test_bench_padding_reports_the_three_ways():
     assert 850 < r["lengths"]["mean"] < 900 and r["lengths"]["p99"] <= 2048
     assert r["original_real_fraction"] < r["grouped_real_fraction"] < r["packed_real_fraction"] == 1.0
     assert r["grouped_real_fraction"] < r["grouped_50_steps_real_fraction"] > 0.97
+
+
+def test_bench_train_cli_reports_packed_and_padded(capsys):
+    from llavakit.cli import main
+
+    assert main(["bench", "train", "--steps", "3", "--batch", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["steps"] == 3 and r["per_device_batch"] == 4
+    assert r["packed_real_token_fraction"] == 1.0 > r["padded_real_token_fraction"]
+    for name in ("padded", "packed", "packed_rows"):
+        assert r[f"{name}_real_tokens_per_second"] > 0
+    assert r["packed_speedup"] == pytest.approx(r["packed_real_tokens_per_second"] / r["padded_real_tokens_per_second"],
+                                                abs=1e-3)
 
 
 @pytest.mark.slow
