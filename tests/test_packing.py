@@ -161,3 +161,16 @@ def test_throughput_benchmark_script_runs_at_toy_size():
         ("stage2-full", False), ("stage2-full", True), ("stage2-lora", False), ("stage2-lora", True)]
     assert all(x["real_tokens_per_second"] > 0 for x in final["results"])
     assert all(x["real_token_fraction"] == 1.0 for x in final["results"] if x["packed"])
+
+
+def test_peak_tflops_from_device_names():
+    from llavakit.train.throughput import detect_peak_tflops, peak_tflops_for
+
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops_for("NVIDIA H200") == 989.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("Tesla T4") is None
+    if not torch.cuda.is_available():
+        assert detect_peak_tflops() is None

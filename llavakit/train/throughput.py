@@ -20,20 +20,22 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 #: peak dense bf16/fp16 tensor TFLOPS of common training GPUs (vendor datasheets)
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A800": 312.0,
-               "H800": 989.0, "RTX 4090": 165.2, "V100": 125.0}
+PEAK_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "A800": 312.0, "H800": 989.0, "RTX 4090": 165.2, "V100": 125.0}
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """The table's figure for a CUDA device name (``torch.cuda.get_device_name()``), or None."""
+    for key, value in PEAK_TFLOPS.items():  # the more specific names come first
+        if key in device_name:
+            return value
+    return None
 
 
 def detect_peak_tflops() -> float | None:
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():  # the more specific names come first
-        if key in name:
-            return value
-    return None
+    return peak_tflops_for(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 @dataclass
