@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import assert_same_losses, free_port, logged_losses, stage2_flags
 
@@ -111,7 +112,8 @@ def test_accelerate_launch(backbones, train_data, tmp_path):
 
 
 def test_deepspeed_zero3_stage2_mixed_batches(backbones, train_data, tmp_path):
-    """Stage 2 under ZeRO-3, batch 1 per rank, no grouping: steps where one rank has no image (LLaVA #699)."""
+    """Stage 2 under ZeRO-3 in bf16, batch 1 per rank, no grouping: steps where one rank has no image
+    (LLaVA #699)."""
     from transformers import AutoModelForImageTextToText
 
     from .conftest import REPO
@@ -119,11 +121,13 @@ def test_deepspeed_zero3_stage2_mixed_batches(backbones, train_data, tmp_path):
     out = tmp_path / "z3"
     r = torchrun(stage2_flags(backbones, train_data, out, "", pretrain_mm_mlp_adapter=None,
                               deepspeed=REPO / "scripts" / "zero3.json", group_by_modality_length="False",
-                              per_device_train_batch_size=1, save_steps=4), timeout=400)
+                              per_device_train_batch_size=1, save_steps=4, bf16="True"), timeout=400)
     assert r.returncode == 0, tail(r)
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 8
     model = AutoModelForImageTextToText.from_pretrained(out)  # 16-bit gather on save: a loadable model
     assert model.config.model_type == "llava"
+    assert next(model.parameters()).dtype == torch.bfloat16 and all(
+        bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_ddp_stage2_resume_matches_uninterrupted(backbones, train_data, tmp_path):
@@ -262,13 +266,15 @@ def test_deepspeed_zero3_offload_stage1(backbones, train_data, tmp_path):
 
 
 def test_deepspeed_zero2_stage2_packed(backbones, train_data, tmp_path):
-    """Full stage 2 under ZeRO-2, packed: rows that mix image and text-only samples, no padding."""
+    """Full stage 2 under ZeRO-2 in bf16 (as scripts/v1_5/finetune.sh), packed: rows that mix image and
+    text-only samples, no padding."""
     from .conftest import REPO, training_logs
 
     out = tmp_path / "z2s2"
     r = torchrun(stage2_flags(backbones, train_data, out, "", pretrain_mm_mlp_adapter=None,
                               deepspeed=REPO / "scripts" / "zero2.json", group_by_modality_length="False",
-                              per_device_train_batch_size=2, max_steps=2, packing="True", logging_steps=1),
+                              per_device_train_batch_size=2, max_steps=2, packing="True", logging_steps=1,
+                              bf16="True"),
                  timeout=400)
     assert r.returncode == 0, tail(r)
     assert (out / "model.safetensors").is_file()
