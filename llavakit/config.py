@@ -80,11 +80,12 @@ class TrainingArguments(transformers.TrainingArguments):
                 "as it is — 50 or more cuts it to a few percent)"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over in an output dir that already holds checkpoints"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "eager, sdpa, flash_attention_2, flash_attention_3 (FlashAttention packs without padding)"})
     packing: bool = field(default=False, metadata={
         "help": "concatenate each micro-batch's samples without padding, attention kept within each sample"})
     packing_max_length: int | None = field(default=None, metadata={
-        "help": "longest packed row (default: one row per micro-batch with flash_attention_2, else "
+        "help": "longest packed row (default: one row per micro-batch with FlashAttention, else "
                 "--model_max_length, which bounds the block attention mask of sdpa/eager)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "the accelerator's peak dense TFLOPS at the training dtype, for MFU (known GPUs are detected)"})

@@ -174,3 +174,18 @@ def test_peak_tflops_from_device_names():
     assert peak_tflops_for("Tesla T4") is None
     if not torch.cuda.is_available():
         assert detect_peak_tflops() is None
+
+
+def test_packing_rows_one_per_micro_batch_only_with_flash_attention():
+    from types import SimpleNamespace
+
+    from llavakit.train.entry import packing_capacity
+
+    def cap(attn, explicit=None):
+        return packing_capacity(SimpleNamespace(attn_implementation=attn, packing_max_length=explicit,
+                                                model_max_length=2048))
+
+    assert cap("flash_attention_2") is None and cap("flash_attention_3") is None
+    assert cap("kernels-community/flash-attn2") is None
+    assert cap("sdpa") == cap("eager") == cap(None) == 2048
+    assert cap("flash_attention_2", 4096) == cap("sdpa", 4096) == 4096

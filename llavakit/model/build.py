@@ -61,6 +61,12 @@ def checkpoint_kind(cfg: dict) -> str:
     return "lm"
 
 
+def uses_flash_attention(attn_implementation: str | None) -> bool:
+    """``flash_attention_2``/``_3`` or a hub FlashAttention kernel: varlen, attends within packed samples with
+    no mask."""
+    return "flash" in (attn_implementation or "")
+
+
 def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
@@ -213,7 +219,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
                                                    **kw, **qkw)
         logger.info("loading vision tower %s", parts.vision_tower)
         vkw = dict(kw)
-        if attn_implementation == "flash_attention_2":
+        if uses_flash_attention(attn_implementation):  # the tower's fixed-length batches gain nothing from it
             vkw["attn_implementation"] = "sdpa"
         with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
             vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
