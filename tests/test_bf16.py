@@ -21,7 +21,8 @@ def test_bf16_stage1_stage2_and_lora_as_the_scripts_run_them(backbones, train_da
     assert projector and all(v.dtype == torch.bfloat16 for v in projector.values())
 
     s2 = tmp_path / "s2"
-    flags = dict(packing="True", save_steps=1, save_total_limit=None, **common)
+    # with data-loader worker processes, as the scripts run (--dataloader_num_workers 4)
+    flags = dict(packing="True", save_steps=1, save_total_limit=None, dataloader_num_workers=2, **common)
     run(stage2_flags(backbones, train_data, s2, s1 / "mm_projector.bin", **flags))
     logs = training_logs(s2)
     assert len(logs) == 2 and all(h["loss"] == h["loss"] and h["real_token_fraction"] == 1.0 for h in logs)

@@ -14,7 +14,8 @@ per step, the same supervised tokens: only the padding goes.
 when no sample has one. Images arrive as uint8; with ``normalize=True`` the collator turns them into
 float32 (bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
 Every batch carries ``num_real_tokens`` (the tokens that are not padding) and ``num_samples`` for
-throughput accounting; the trainer removes them before the forward pass.
+throughput accounting, as plain ints (they stay on the host, so counting them never waits for the GPU);
+the trainer removes them before the forward pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class LlavaCollator:
     packing: bool = False
     packing_max_length: int | None = None
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         if self.packing:
             return self._packed(features)
         return self._padded(features)
@@ -61,7 +62,7 @@ class LlavaCollator:
         return (torch.full((rows, width), self.pad_token_id, dtype=torch.long),
                 torch.full((rows, width), IGNORE_INDEX, dtype=torch.long))
 
-    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         lengths = [len(f["input_ids"]) for f in features]
         rows = pack_rows(lengths, self.packing_max_length)
         input_ids, labels = self._canvas(len(rows), max(sum(lengths[i] for i in row) for row in rows))
@@ -78,10 +79,10 @@ class LlavaCollator:
                 pos += length
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a sequence of its own
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                 "num_real_tokens": torch.tensor(sum(lengths)), "num_samples": torch.tensor(len(features))}
+                 "num_real_tokens": sum(lengths), "num_samples": len(features)}
         return self._images(batch, [features[i] for row in rows for i in row])
 
-    def _padded(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def _padded(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         lengths = [len(f["input_ids"]) for f in features]
         n = len(features)
         input_ids, labels = self._canvas(n, max(lengths))
@@ -91,7 +92,7 @@ class LlavaCollator:
             labels[i, :length] = f["labels"]
             attention_mask[i, :length] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                 "num_real_tokens": torch.tensor(sum(lengths)), "num_samples": torch.tensor(n)}
+                 "num_real_tokens": sum(lengths), "num_samples": n}
         return self._images(batch, features)
 
 
