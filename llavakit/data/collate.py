@@ -5,8 +5,11 @@ from the sample lengths (never from comparing ids to the pad id, which breaks wh
 
 Packed (``--packing``): the same samples, concatenated into as few rows as fit ``packing_max_length``
 tokens (one row when it is None), with ``position_ids`` restarting at 0 for every sample and no attention
-mask — which makes the attention block-diagonal (FlashAttention-2 varlen on GPU; SDPA / eager build the
-block mask from the positions when the model runs without a cache). The first label of every sample is
+mask — which makes the attention block-diagonal (SDPA / eager build the block mask from the positions when
+the model runs without a cache). Packed batches also carry ``seq_lengths``, every row's sequence lengths
+(samples, then the row's padding as one more), as host-side ints; under FlashAttention they become the
+varlen kernel's ``cu_seq_lens`` (:func:`flash_varlen_kwargs`), so the kernel attends per sample in any
+number of rows and no layer has to infer the boundaries from the positions. The first label of every sample is
 ignored, so no sample is trained to predict its first token from the previous sample. The same samples
 per step, the same supervised tokens: only the padding goes.
 
@@ -78,7 +81,10 @@ class LlavaCollator:
                 position_ids[r, pos:pos + length] = torch.arange(length)
                 pos += length
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a sequence of its own
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+        seq_lengths = [[lengths[i] for i in row] + ([width - sum(lengths[i] for i in row)]
+                                                    if width > sum(lengths[i] for i in row) else [])
+                       for row in rows]
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_lengths": seq_lengths,
                  "num_real_tokens": sum(lengths), "num_samples": len(features)}
         return self._images(batch, [features[i] for row in rows for i in row])
 
@@ -112,3 +118,13 @@ def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
             rows.append([i])
             loads.append(lengths[i])
     return rows
+
+
+def flash_varlen_kwargs(seq_lengths: list[list[int]], device) -> dict:
+    """FlashAttention's varlen arguments for a packed batch: the sequence boundaries over its rows laid end to
+    end (transformers flattens the rows the same way), built on the host; one small copy to the device."""
+    flat = [n for row in seq_lengths for n in row]
+    cu = torch.zeros(len(flat) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32), 0)
+    cu = cu.to(device, non_blocking=True)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(flat), "max_length_k": max(flat)}

@@ -219,8 +219,8 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
                                                    **kw, **qkw)
         logger.info("loading vision tower %s", parts.vision_tower)
         vkw = dict(kw)
-        if uses_flash_attention(attn_implementation):  # the tower's fixed-length batches gain nothing from it
-            vkw["attn_implementation"] = "sdpa"
+        if uses_flash_attention(attn_implementation):
+            vkw["attn_implementation"] = "sdpa"  # (see below)
         with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
             vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
                 parts.vision_tower, config=parts.vision_config, **vkw)
@@ -250,6 +250,11 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         if getattr(llm, "generation_config", None) is not None:
             model.generation_config = llm.generation_config
         _check_no_meta(model)
+    if uses_flash_attention(attn_implementation):
+        # FlashAttention for the language model only: the packed batches' sequence boundaries (cu_seq_lens) are
+        # the language model's, and transformers hands the forward's keyword arguments to the vision tower too;
+        # the tower's fixed-length images gain nothing from varlen attention
+        model.set_attn_implementation({"vision_config": "sdpa"})
     _resize_embeddings(model, tokenizer)
     _sync_special_ids(model, tokenizer)
     return model

@@ -37,6 +37,8 @@ def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, im
         pos = inputs["position_ids"]
         extra = torch.arange(num_image_tokens, dtype=pos.dtype, device=pos.device).expand(n, -1)
         out["position_ids"] = torch.cat([pos, extra], dim=1)
+        if "seq_lengths" in inputs:
+            out["seq_lengths"] = [[*row, num_image_tokens] for row in inputs["seq_lengths"]]
     if "labels" in inputs:
         labels = inputs["labels"]
         out["labels"] = torch.cat([labels, torch.full((n, num_image_tokens), IGNORE_INDEX, dtype=labels.dtype,
