@@ -78,9 +78,9 @@ def samples(n: int, n_img: int, stage: str, image_size: int, rng: np.random.Gene
 
 def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: int, device: torch.device,
                peak: float | None, rng, capacity: int | None) -> dict:
-    from llavakit.data.collate import LlavaCollator, flash_varlen_kwargs
+    from llavakit.data.collate import LlavaCollator, varlen_kwargs
     from llavakit.data.images import ImageTransform
-    from llavakit.model.build import uses_flash_attention
+    from llavakit.model.build import uses_varlen_attention
     from llavakit.model.lora import apply_lora
     from llavakit.train.stages import configure_trainable
     from llavakit.train.throughput import ModelFlops
@@ -112,8 +112,8 @@ def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: i
         r, ns = int(batch_.pop("num_real_tokens")), int(batch_.pop("num_samples"))
         seq_lengths = batch_.pop("seq_lengths", None)
         batch_ = {k: v.to(device) for k, v in batch_.items()}
-        if seq_lengths is not None and uses_flash_attention(model.config.text_config._attn_implementation):
-            batch_.update(flash_varlen_kwargs(seq_lengths, device))  # as the trainer does
+        if seq_lengths is not None and uses_varlen_attention(model.config.text_config._attn_implementation):
+            batch_.update(varlen_kwargs(seq_lengths, device))  # as the trainer does
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -119,8 +119,9 @@ def bench_padding(seed: int = 0, batch: int = 16, world: int = 8) -> dict:
 
 def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | None = None,
                 rows_of: int = 512) -> dict:
-    """Tiny-model training steps on the CPU on the same samples (mixed lengths): padded; packed into one row
-    per micro-batch; packed into rows of at most ``rows_of`` tokens."""
+    """Tiny-model training steps on the CPU on the same samples (mixed lengths): padded (SDPA); packed into one
+    row per micro-batch (SDPA, block mask); packed into rows of at most ``rows_of`` tokens (SDPA); packed into
+    one row attended per sample (``torch_varlen``)."""
     import random
     import tempfile
     from pathlib import Path
@@ -153,21 +154,23 @@ def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | N
         records.append(rec)
     (root / "data.json").write_text(json.dumps(records))
     out = {}
-    variants = (("padded", []), ("packed", ["--packing", "True", "--packing_max_length", str(batch * rows_of)]),
-                ("packed_rows", ["--packing", "True", "--packing_max_length", str(rows_of)]))
-    for name, extra in variants:
+    packed = ["--packing", "True"]
+    variants = (("padded", "sdpa", []), ("packed", "sdpa", [*packed, "--packing_max_length", str(batch * rows_of)]),
+                ("packed_rows", "sdpa", [*packed, "--packing_max_length", str(rows_of)]),
+                ("packed_varlen", "torch_varlen", packed))
+    for name, attn, extra in variants:
         res = run(["--model_name_or_path", str(llm), "--vision_tower", str(clip), "--version", "v1",
                    "--data_path", str(root / "data.json"), "--image_folder", str(root / "images"),
                    "--output_dir", str(root / name), "--max_steps", str(steps), "--per_device_train_batch_size",
                    str(batch), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
-                   "--learning_rate", "1e-4", "--seed", str(seed), "--attn_implementation", "sdpa",
+                   "--learning_rate", "1e-4", "--seed", str(seed), "--attn_implementation", attn,
                    "--model_max_length", str(rows_of),
                    "--group_by_modality_length", "True", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
                    *extra])
         logs = [h for h in res.trainer.state.log_history if "real_tokens_per_second" in h][1:]  # warm-up out
         out[f"{name}_real_tokens_per_second"] = round(float(np.mean([h["real_tokens_per_second"] for h in logs])), 1)
         out[f"{name}_real_token_fraction"] = round(float(np.mean([h["real_token_fraction"] for h in logs])), 4)
-    for name in ("packed", "packed_rows"):
+    for name in ("packed", "packed_rows", "packed_varlen"):
         out[f"{name}_speedup"] = round(out[f"{name}_real_tokens_per_second"] / out["padded_real_tokens_per_second"],
                                        3)
     out["steps"], out["per_device_batch"] = steps, batch

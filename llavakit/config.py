@@ -81,7 +81,8 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over in an output dir that already holds checkpoints"})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "eager, sdpa, flash_attention_2, flash_attention_3 (FlashAttention packs without padding)"})
+        "help": "eager, sdpa, flash_attention_2, flash_attention_3, or torch_varlen (with --packing: PyTorch's own "
+                "FlashAttention varlen kernel, no flash-attn package needed)"})
     packing: bool = field(default=False, metadata={
         "help": "concatenate each micro-batch's samples without padding, attention kept within each sample"})
     packing_max_length: int | None = field(default=None, metadata={
@@ -227,6 +228,9 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
             errors.append(f"--bits {t.bits} cannot be combined with ZeRO-3; use ZeRO-2 (scripts/zero2.json)")
         if t.quant_type not in ("nf4", "fp4"):
             errors.append(f"--quant_type {t.quant_type!r}: use nf4 or fp4")
+    if t.attn_implementation == "torch_varlen" and not t.packing:
+        errors.append("--attn_implementation torch_varlen attends packed batches; add --packing True (or use sdpa or "
+                      "flash_attention_2 for padded batches)")
     if t.packing_max_length is not None and t.packing_max_length < t.model_max_length:
         errors.append(f"--packing_max_length {t.packing_max_length} is shorter than --model_max_length "
                       f"{t.model_max_length}: a sample must fit a packed row")

@@ -140,7 +140,8 @@ def test_bench_train_cli_reports_packed_and_padded(capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["steps"] == 3 and r["per_device_batch"] == 4
     assert r["packed_real_token_fraction"] == 1.0 > r["padded_real_token_fraction"]
-    for name in ("padded", "packed", "packed_rows"):
+    assert r["packed_varlen_real_token_fraction"] == 1.0
+    for name in ("padded", "packed", "packed_rows", "packed_varlen"):
         assert r[f"{name}_real_tokens_per_second"] > 0
     assert r["packed_speedup"] == pytest.approx(r["packed_real_tokens_per_second"] / r["padded_real_tokens_per_second"],
                                                 abs=1e-3)

@@ -7,8 +7,8 @@ Packed (``--packing``): the same samples, concatenated into as few rows as fit `
 tokens (one row when it is None), with ``position_ids`` restarting at 0 for every sample and no attention
 mask — which makes the attention block-diagonal (SDPA / eager build the block mask from the positions when
 the model runs without a cache). Packed batches also carry ``seq_lengths``, every row's sequence lengths
-(samples, then the row's padding as one more), as host-side ints; under FlashAttention they become the
-varlen kernel's ``cu_seq_lens`` (:func:`flash_varlen_kwargs`), so the kernel attends per sample in any
+(samples, then the row's padding as one more), as host-side ints; under a varlen kernel (FlashAttention,
+``torch_varlen``) they become its ``cu_seq_lens`` (:func:`varlen_kwargs`), so it attends per sample in any
 number of rows and no layer has to infer the boundaries from the positions. The first label of every sample is
 ignored, so no sample is trained to predict its first token from the previous sample. The same samples
 per step, the same supervised tokens: only the padding goes.
@@ -120,8 +120,8 @@ def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
     return rows
 
 
-def flash_varlen_kwargs(seq_lengths: list[list[int]], device) -> dict:
-    """FlashAttention's varlen arguments for a packed batch: the sequence boundaries over its rows laid end to
+def varlen_kwargs(seq_lengths: list[list[int]], device) -> dict:
+    """A varlen kernel's arguments for a packed batch: the sequence boundaries over its rows laid end to
     end (transformers flattens the rows the same way), built on the host; one small copy to the device."""
     flat = [n for row in seq_lengths for n in row]
     cu = torch.zeros(len(flat) + 1, dtype=torch.int32)

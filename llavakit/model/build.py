@@ -61,10 +61,10 @@ def checkpoint_kind(cfg: dict) -> str:
     return "lm"
 
 
-def uses_flash_attention(attn_implementation: str | None) -> bool:
-    """``flash_attention_2``/``_3`` or a hub FlashAttention kernel: varlen, attends within packed samples with
-    no mask."""
-    return "flash" in (attn_implementation or "")
+def uses_varlen_attention(attn_implementation: str | None) -> bool:
+    """A kernel that attends packed samples by their sequence boundaries (``cu_seq_lens``), with no mask:
+    FlashAttention (``flash_attention_2``/``_3``, hub flash-attn kernels) or llavakit's ``torch_varlen``."""
+    return "flash" in (attn_implementation or "") or attn_implementation == "torch_varlen"
 
 
 def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
@@ -209,6 +209,10 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
     kw = {"cache_dir": cache_dir, "dtype": dtype}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    if attn_implementation == "torch_varlen":
+        from llavakit.model.attention import register
+
+        register()
     tokenizer = parts.tokenizer
     qkw = {"quantization_config": quantization, "device_map": device_map} if quantization is not None else {}
     if parts.kind == "llava-hf":
@@ -219,7 +223,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
                                                    **kw, **qkw)
         logger.info("loading vision tower %s", parts.vision_tower)
         vkw = dict(kw)
-        if uses_flash_attention(attn_implementation):
+        if uses_varlen_attention(attn_implementation):
             vkw["attn_implementation"] = "sdpa"  # (see below)
         with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
             vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
@@ -250,8 +254,8 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         if getattr(llm, "generation_config", None) is not None:
             model.generation_config = llm.generation_config
         _check_no_meta(model)
-    if uses_flash_attention(attn_implementation):
-        # FlashAttention for the language model only: the packed batches' sequence boundaries (cu_seq_lens) are
+    if uses_varlen_attention(attn_implementation):
+        # varlen attention for the language model only: the packed batches' sequence boundaries (cu_seq_lens) are
         # the language model's, and transformers hands the forward's keyword arguments to the vision tower too;
         # the tower's fixed-length images gain nothing from varlen attention
         model.set_attn_implementation({"vision_config": "sdpa"})

@@ -132,9 +132,9 @@ def packing_capacity(train_args) -> int | None:
     (``llavakit bench train`` on CPU: one long row 0.58× the padded speed, rows of 512 tokens 1.07-1.10×)."""
     if train_args.packing_max_length is not None:
         return train_args.packing_max_length
-    from llavakit.model.build import uses_flash_attention
+    from llavakit.model.build import uses_varlen_attention
 
-    return None if uses_flash_attention(train_args.attn_implementation) else train_args.model_max_length
+    return None if uses_varlen_attention(train_args.attn_implementation) else train_args.model_max_length
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from llavakit.data.collate import flash_varlen_kwargs
+from llavakit.data.collate import varlen_kwargs
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
@@ -77,10 +77,10 @@ class LlavaTrainer(Trainer):
         self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": cfg.image_seq_length,
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
-        from llavakit.model.build import uses_flash_attention
+        from llavakit.model.build import uses_varlen_attention
 
-        # packed batches give FlashAttention their sequence boundaries (collate.flash_varlen_kwargs)
-        self._flash = uses_flash_attention(getattr(cfg.text_config, "_attn_implementation", None))
+        # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
+        self._varlen = uses_varlen_attention(getattr(cfg.text_config, "_attn_implementation", None))
         self.tokens_seen = 0  # real (non-padding) tokens
         self.tokens_processed = 0  # every position the model ran, padding included
         self.samples_seen = 0
@@ -150,8 +150,8 @@ class LlavaTrainer(Trainer):
         if model.training:
             inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
         seq_lengths = inputs.pop("seq_lengths", None)
-        if seq_lengths is not None and self._flash:
-            inputs.update(flash_varlen_kwargs(seq_lengths, inputs["input_ids"].device))
+        if seq_lengths is not None and self._varlen:
+            inputs.update(varlen_kwargs(seq_lengths, inputs["input_ids"].device))
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
