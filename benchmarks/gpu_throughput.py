@@ -9,8 +9,9 @@ and text lengths drawn from the mix665k-shaped distribution of ``llavakit bench 
 captions of ~60 tokens). Batches go through llavakit's own collator (padded, or packed) and the stage
 set-up of ``llavakit train`` (stage 1: projector only; stage 2: projector + LLM, or LoRA r128 on the LLM),
 in bf16 autocast with fp32 master weights and AdamW, as the Trainer runs them. Attention: FlashAttention-2
-when installed (else SDPA); Liger kernels for Llama when installed. Prints one JSON line per
-configuration, and a summary list at the end.
+when installed; otherwise SDPA for padded batches and ``torch_varlen`` (PyTorch's FlashAttention varlen
+kernel) for packed ones (``--packed-attention`` picks); the vision tower always SDPA. Liger kernels for
+Llama when installed. Prints one JSON line per configuration, and a summary list at the end.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: i
 
 
 def main() -> None:
+    from llavakit.model.build import uses_varlen_attention
     from llavakit.train.throughput import detect_peak_tflops
 
     ap = argparse.ArgumentParser()
@@ -155,18 +157,30 @@ def main() -> None:
     ap.add_argument("--stages", default="stage1,stage2-full,stage2-lora")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packed-attention", default="auto",
+                    help="the language model's attention for packed batches: flash_attention_2, torch_varlen, sdpa; "
+                         "auto: flash_attention_2 when flash-attn is installed, else torch_varlen on a GPU, sdpa on CPU")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    has_fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    attn = "flash_attention_2" if has_fa2 else "sdpa"  # padded batches
+    packed_attn = args.packed_attention
+    if packed_attn == "auto":
+        packed_attn = "flash_attention_2" if has_fa2 else "torch_varlen" if device.type == "cuda" else "sdpa"
+    if packed_attn == "torch_varlen":
+        from llavakit.model.attention import register
+
+        register()
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel"):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
     model, n_img = build(args.size, device, attn)
     peak = args.peak_tflops or detect_peak_tflops()
-    capacity = None if attn == "flash_attention_2" else 2048
+    capacity = None if uses_varlen_attention(packed_attn) else 2048
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "attention": attn,
+            "packed_attention": packed_attn,
             "size": args.size, "peak_tflops": peak,
             "liger": bool(device.type == "cuda" and importlib.util.find_spec("liger_kernel")),
             "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
@@ -175,6 +189,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     for stage in args.stages.split(","):
         for packed in (False, True):
+            model.set_attn_implementation({"text_config": packed_attn if packed else attn})
             res = run_config(model, n_img, stage, packed, args.steps, args.batch, device, peak, rng, capacity)
             print(json.dumps(res), flush=True)
             results.append(res)

@@ -127,7 +127,7 @@ def test_torch_varlen_hands_pytorchs_kernel_the_flattened_rows(monkeypatch):
 
     def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         seen.update(shape=tuple(q.shape), kv_heads=k.shape[1], cu=cu_q.tolist(), dtype=cu_q.dtype, max=(max_q, max_k),
-                    window=window_size, gqa=enable_gqa, scale=scale)
+                    window=window_size, gqa=enable_gqa, scale=scale, qkv=(q.dtype, k.dtype, v.dtype))
         return attention.per_sample_sdpa(q, k, v, cu_q, window_size == (-1, 0), scale, 0.0)
 
     monkeypatch.setattr(attention, "kernel_for", lambda q, dropout: fake_varlen_attn)
@@ -138,8 +138,11 @@ def test_torch_varlen_hands_pytorchs_kernel_the_flattened_rows(monkeypatch):
     module.is_causal = True
     out, _ = attention.varlen_attention_forward(module, q, k, v, None, scaling=0.5, **varlen)
     assert seen == {"shape": (12, 4, 8), "kv_heads": 2, "cu": [0, 4, 6, 7, 12], "dtype": torch.int32, "max": (5, 5),
-                    "window": (-1, 0), "gqa": True, "scale": 0.5}
+                    "window": (-1, 0), "gqa": True, "scale": 0.5, "qkv": (torch.float32,) * 3}
     assert out.shape == (2, 6, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights under autocast: the kernel gets bf16
+        attention.varlen_attention_forward(module, q, k, v, None, scaling=0.5, **varlen)
+    assert seen["qkv"] == (torch.bfloat16,) * 3
     # sample 2 of row 0 (positions 4-5) attends only to itself, causally
     ref = torch.nn.functional.scaled_dot_product_attention(q[:1, :, 4:6], k[:1, :, 4:6], v[:1, :, 4:6], is_causal=True,
                                                            scale=0.5, enable_gqa=True)

@@ -155,7 +155,8 @@ def test_throughput_benchmark_script_runs_at_toy_size():
     from .conftest import REPO
 
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--size", "toy", "--device",
-                        "cpu", "--steps", "1", "--batch", "2", "--stages", "stage2-full,stage2-lora"],
+                        "cpu", "--steps", "1", "--batch", "2", "--stages", "stage2-full,stage2-lora",
+                        "--packed-attention", "torch_varlen"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads(r.stdout.strip().splitlines()[-1])

@@ -68,6 +68,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q = query.transpose(1, 2).reshape(b * length, h, d)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], d)
     v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[-1])
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        # fp32 weights under autocast: RoPE's fp32 cos/sin promote q and k; attend in the autocast dtype, as
+        # transformers does for FlashAttention
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kernel = kernel_for(q, dropout)
     if kernel is not None:
