@@ -156,6 +156,11 @@ def test_torch_varlen_refuses_padded_batches_and_needs_packing(tmp_path, backbon
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="packed batches only"):
         attention.varlen_attention_forward(torch.nn.Module(), q, q, q, None)
+    varlen = varlen_kwargs([[3]], "cpu")
+    with pytest.raises(ValueError, match="sliding-window"):  # a window shorter than a sample: never silently wrong
+        attention.varlen_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=2, **varlen)
+    out, _ = attention.varlen_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=4096, **varlen)
+    assert out.shape == (1, 3, 2, 4)
     with pytest.raises(ConfigError, match="add --packing True"):
         parse_train_args(stage2_flags(backbones, train_data, tmp_path / "o", "", pretrain_mm_mlp_adapter=None,
                                       attn_implementation="torch_varlen"))

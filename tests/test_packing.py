@@ -179,7 +179,7 @@ def test_peak_tflops_from_device_names():
         assert detect_peak_tflops() is None
 
 
-def test_packing_rows_one_per_micro_batch_only_with_flash_attention():
+def test_packing_rows_one_per_micro_batch_only_with_a_varlen_kernel():
     from types import SimpleNamespace
 
     from llavakit.train.entry import packing_capacity
@@ -189,6 +189,6 @@ def test_packing_rows_one_per_micro_batch_only_with_flash_attention():
                                                 model_max_length=2048))
 
     assert cap("flash_attention_2") is None and cap("flash_attention_3") is None
-    assert cap("kernels-community/flash-attn2") is None
+    assert cap("kernels-community/flash-attn2") is None and cap("torch_varlen") is None
     assert cap("sdpa") == cap("eager") == cap(None) == 2048
     assert cap("flash_attention_2", 4096) == cap("sdpa", 4096) == 4096

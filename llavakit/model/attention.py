@@ -64,6 +64,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                          "their sequence boundaries; use sdpa or flash_attention_2 for padded batches and generation")
     if attention_mask is not None:
         raise ValueError(f"--attn_implementation {NAME} takes no attention mask: the sequence boundaries replace it")
+    window = kwargs.get("sliding_window")
+    if window is not None and int(max_length_q) > window:
+        raise ValueError(f"--attn_implementation {NAME} has no sliding-window attention, and this model attends "
+                         f"within {window} tokens while a packed sample has {int(max_length_q)}; use "
+                         "flash_attention_2 or sdpa")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"--attn_implementation {NAME} has no attention-logit soft-capping, which this model uses; "
+                         "use flash_attention_2 or eager")
     b, h, length, d = query.shape
     q = query.transpose(1, 2).reshape(b * length, h, d)
     k = key.transpose(1, 2).reshape(-1, key.shape[1], d)

@@ -126,10 +126,10 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
 
 
 def packing_capacity(train_args) -> int | None:
-    """Rows of packed samples: one per micro-batch with a FlashAttention kernel (``flash_attention_2``,
-    ``flash_attention_3``, a hub ``kernels-community/flash-attn*``: varlen, no mask, no padding); otherwise
-    at most ``--model_max_length`` tokens, since SDPA / eager attend over a whole row under a block mask
-    (``llavakit bench train`` on CPU: one long row 0.58× the padded speed, rows of 512 tokens 1.07-1.10×)."""
+    """Rows of packed samples: one per micro-batch with a varlen kernel (FlashAttention — ``flash_attention_2``,
+    ``flash_attention_3``, hub flash-attn kernels — or ``torch_varlen``: no mask, no padding); otherwise at
+    most ``--model_max_length`` tokens, since SDPA / eager attend over a whole row under a block mask
+    (``llavakit bench train`` on CPU: one long row 0.58× the padded speed, rows of 512 tokens 1.05-1.12×)."""
     if train_args.packing_max_length is not None:
         return train_args.packing_max_length
     from llavakit.model.build import uses_varlen_attention
