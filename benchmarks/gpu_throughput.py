@@ -11,7 +11,8 @@ set-up of ``llavakit train`` (stage 1: projector only; stage 2: projector + LLM,
 in bf16 autocast with fp32 master weights and AdamW, as the Trainer runs them. Attention: FlashAttention-2
 when installed; otherwise SDPA for padded batches and ``torch_varlen`` (PyTorch's FlashAttention varlen
 kernel) for packed ones (``--packed-attention`` picks); the vision tower always SDPA. Liger kernels for
-Llama when installed. Prints one JSON line per configuration, and a summary list at the end.
+Llama when installed. First one batch's loss is computed padded and packed, and the script stops unless
+they agree. Prints one JSON line per configuration, and a summary list at the end.
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ def samples(n: int, n_img: int, stage: str, image_size: int, rng: np.random.Gene
         labels[: 1 + n_img + text // 3] = -100  # the prompt part is not supervised
         out.append({"input_ids": ids, "labels": labels,
                     "images": torch.randint(0, 256, (1, 3, image_size, image_size), dtype=torch.uint8)})
+    return out
+
+
+def check_packed_equals_padded(model, n_img: int, attn: str, packed_attn: str, device: torch.device,
+                               capacity: int | None, rng, batch: int) -> dict:
+    """One batch's loss padded (``attn``) and packed (``packed_attn``): the figures that follow time a
+    computation only when the two agree (bf16 on a GPU: within 2%, fp32 on the CPU: 1e-4)."""
+    from llavakit.data.collate import LlavaCollator, varlen_kwargs
+    from llavakit.data.images import ImageTransform
+    from llavakit.model.build import uses_varlen_attention
+
+    size = model.config.vision_config.image_size
+    transform = ImageTransform(shortest_edge=size, crop_hw=(size, size))
+    features = samples(batch, n_img, "stage2", size, rng, 2048)
+    losses = {}
+    model.eval()
+    for packed, impl in ((False, attn), (True, packed_attn)):
+        model.set_attn_implementation({"text_config": impl})
+        b = LlavaCollator(0, transform, packing=packed, packing_max_length=capacity)(features)
+        b.pop("num_real_tokens"), b.pop("num_samples")
+        seq_lengths = b.pop("seq_lengths", None)
+        b = {k: v.to(device) for k, v in b.items()}
+        if seq_lengths is not None and uses_varlen_attention(impl):
+            b.update(varlen_kwargs(seq_lengths, device))
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses[packed] = float(model(**b).loss)
+    diff = abs(losses[True] - losses[False]) / max(abs(losses[False]), 1e-6)
+    out = {"padded_loss": round(losses[False], 5), "packed_loss": round(losses[True], 5),
+           "relative_difference": round(diff, 6)}
+    if not diff <= (2e-2 if device.type == "cuda" else 1e-4):
+        raise SystemExit(f"packed and padded losses differ: {json.dumps(out)}")
     return out
 
 
@@ -184,9 +216,10 @@ def main() -> None:
             "size": args.size, "peak_tflops": peak,
             "liger": bool(device.type == "cuda" and importlib.util.find_spec("liger_kernel")),
             "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
+    rng = np.random.default_rng(args.seed)
+    info["check"] = check_packed_equals_padded(model, n_img, attn, packed_attn, device, capacity, rng, args.batch)
     print(json.dumps(info), flush=True)
     results = []
-    rng = np.random.default_rng(args.seed)
     for stage in args.stages.split(","):
         for packed in (False, True):
             model.set_attn_implementation({"text_config": packed_attn if packed else attn})

@@ -160,6 +160,8 @@ def test_throughput_benchmark_script_runs_at_toy_size():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert final["info"]["packed_attention"] == "torch_varlen"
+    assert final["info"]["check"]["relative_difference"] <= 1e-4  # packed = padded before anything is timed
     assert [(x["stage"], x["packed"]) for x in final["results"]] == [
         ("stage2-full", False), ("stage2-full", True), ("stage2-lora", False), ("stage2-lora", True)]
     assert all(x["real_tokens_per_second"] > 0 for x in final["results"])
