@@ -43,8 +43,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
     return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale).transpose(1, 2)
 
 
+#: the private state of transformers' FlashAttention loader that install() fills in
+_LOADER_STATE = ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
+                 "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn", "_pad_input",
+                 "_unpad_input", "_lazy_define_process_function")
+
+
 def install() -> str:
+    """Register :data:`NAME`; raise ``NotImplementedError`` when this transformers' loader has other internals."""
     import transformers.modeling_flash_attention_utils as fa
+
+    missing = [a for a in _LOADER_STATE if not hasattr(fa, a)]
+    if missing:
+        raise NotImplementedError(f"transformers' FlashAttention loader has no {', '.join(missing)}")
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.flash_attention import flash_attention_forward
     from transformers.masking_utils import flash_attention_mask

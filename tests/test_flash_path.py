@@ -20,7 +20,10 @@ def flash(request):
         from llavakit.model.attention import register
 
         return register()
-    return flash_reference.install()
+    try:
+        return flash_reference.install()
+    except NotImplementedError as e:  # a newer transformers moved the internals the stand-in fills in
+        pytest.skip(f"reference FlashAttention kernel: {e}")
 
 
 @pytest.fixture
