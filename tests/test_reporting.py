@@ -6,6 +6,8 @@ import sys
 
 from .conftest import stage1_flags
 
+THROUGHPUT = ("samples_per_second", "real_tokens_per_second", "real_token_fraction", "data_wait_fraction")
+
 
 def _train(backbones, train_data, out, report_to, env_extra):
     env = {**os.environ, **env_extra}
@@ -23,6 +25,9 @@ def test_wandb_offline(backbones, train_data, tmp_path):
            {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+    logged = b"".join(p.read_bytes() for p in runs[0].iterdir() if p.suffix == ".wandb")
+    for key in THROUGHPUT:  # the throughput meter reaches wandb with the loss
+        assert key.encode() in logged, key
 
 
 def test_tensorboard_events(backbones, train_data, tmp_path):
@@ -30,3 +35,12 @@ def test_tensorboard_events(backbones, train_data, tmp_path):
     _train(backbones, train_data, out, "tensorboard", {})
     events = list((out / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "train/loss" in tags
+    for key in THROUGHPUT:  # the throughput meter reaches tensorboard with the loss, every logging step
+        assert f"train/{key}" in tags, sorted(tags)
+        assert len(acc.Scalars(f"train/{key}")) == 2
