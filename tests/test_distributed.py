@@ -43,9 +43,11 @@ def test_ddp_mixed_batches_no_unused_parameter_error(backbones, train_data, tmp_
     assert len(losses) == 8 and all(x == x for x in losses)
 
 
-def test_ddp_packed_modality_grouped_equals_a_single_padded_process(backbones, train_data, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "torch_varlen"])
+def test_ddp_packed_modality_grouped_equals_a_single_padded_process(backbones, train_data, tmp_path, attn):
     """Packing inside modality-grouped batches under DDP: 2 ranks × 2 samples, each rank's pair packed into
-    one row, give the losses of one process × 4 padded samples (the same samples per step)."""
+    one row, give the losses of one process × 4 padded samples (the same samples per step) — under SDPA's
+    block mask, and with torch_varlen's sequence boundaries passed through the DDP wrapper."""
     from llavakit.train.entry import run
 
     common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="True", logging_steps=1, max_steps=4,
@@ -55,7 +57,8 @@ def test_ddp_packed_modality_grouped_equals_a_single_padded_process(backbones, t
     ref = {h["step"]: h["loss"] for h in single.trainer.state.log_history if "loss" in h}
     out = tmp_path / "ddp_packed"
     r = torchrun(stage2_flags(backbones, train_data, out, "", per_device_train_batch_size=2, packing="True",
-                              ddp_find_unused_parameters="False", ddp_backend="gloo", **common))
+                              attn_implementation=attn, ddp_find_unused_parameters="False", ddp_backend="gloo",
+                              **common))
     assert r.returncode == 0, tail(r)
     assert "stage 2 (full) done" in r.stdout
     got = logged_losses(out)
