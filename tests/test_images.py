@@ -135,3 +135,21 @@ def test_input_path_benchmark_runs_and_both_paths_give_the_same_pixels():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["same_pixels"] is True and out["n"] == 16
     assert out["llavakit_samples_per_second"] > 0 and out["original_samples_per_second"] > 0
+
+
+@pytest.mark.parametrize("resample", [Image.BICUBIC, Image.BILINEAR, Image.LANCZOS, Image.BOX])
+def test_square_mode_fast_path_is_byte_identical_to_resize_then_crop(resample):
+    """Wide images lose the cropped columns between the two resize passes; every size must give the bytes
+    of a plain resize then centre crop (crop narrower than the short edge too: rows cropped as well)."""
+    rng = np.random.default_rng(10 + resample)
+    sizes = [(640, 480), (640, 427), (500, 375), (337, 336), (1024, 17), (57, 56), (60, 2), (100, 99),
+             (480, 640), (300, 300)] + [(int(w), int(rng.integers(1, w + 200))) for w in rng.integers(20, 900, 30)]
+    for edge, crop in ((56, 56), (336, 336), (64, 56)):
+        t = ImageTransform(shortest_edge=edge, crop_hw=(crop, crop), resample=resample)
+        for w, h in sizes:
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            rh, rw = t._resize_hw(h, w)
+            full = im.resize((rw, rh), resample=resample)
+            top, left = (rh - crop) // 2, (rw - crop) // 2
+            ref = np.asarray(full.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
+            assert np.array_equal(t.to_uint8(im), ref), (edge, crop, w, h)

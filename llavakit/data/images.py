@@ -167,15 +167,21 @@ class ImageTransform:
 
     def to_uint8(self, im: Image.Image) -> np.ndarray:
         """Pad/resize/crop an RGB PIL image; return ``(3, H, W)`` uint8."""
-        if self.aspect_ratio == "pad" and self.do_resize and im.width > im.height \
-                and self.resample in SEPARABLE and im.mode == "RGB":
+        two_pass = self.resample in SEPARABLE and im.mode == "RGB"
+        if self.aspect_ratio == "pad" and self.do_resize and im.width > im.height and two_pass:
             im = self._pad_rows_and_resize(im)
         else:
             if self.aspect_ratio == "pad":
                 im = expand2square(im, self.background)
             if self.do_resize:
                 h, w = self._resize_hw(im.height, im.width)
-                im = im.resize((w, h), resample=self.resample)
+                crop_h, crop_w = self.crop_hw if self.do_center_crop and self.crop_hw else (h, w)
+                # (Pillow runs the row pass first for an image at least as wide as tall; a tall one may be
+                # resized columns first, so it takes the plain path)
+                if two_pass and w > crop_w and h >= crop_h and im.width >= im.height:
+                    im = self._resize_cutting_columns_first(im, h, w, crop_w)
+                else:
+                    im = im.resize((w, h), resample=self.resample)
         if self.do_center_crop and self.crop_hw:
             ch, cw = self.crop_hw
             top, left = (im.height - ch) // 2, (im.width - cw) // 2
@@ -192,7 +198,8 @@ class ImageTransform:
         """``expand2square`` then resize, for a wide image, without resampling the padding rows.
 
         Pillow resizes in two separable passes — every needed row horizontally into an 8-bit intermediate,
-        then every column vertically — with coefficients that depend only on the input and output sizes.
+        then every column vertically (rows first whenever the height does not shrink more than twice as much
+        as the width, as for a square) — with coefficients that depend only on the input and output sizes.
         A padding row is one colour, and a normalised filter maps a constant row to the same constant, so
         the horizontal pass can run on the image rows alone, the padding be added to the narrow result, and
         the vertical pass run on that: the same two passes on the same values, hence the same bytes (tested
@@ -204,6 +211,18 @@ class ImageTransform:
         canvas = Image.new("RGB", (tw, w), self.background)
         canvas.paste(narrow, (0, (w - h) // 2))
         return canvas.resize((tw, th), resample=self.resample) if th != w else canvas
+
+    def _resize_cutting_columns_first(self, im: Image.Image, h: int, w: int, crop_w: int) -> Image.Image:
+        """Resize to ``(h, w)`` with the columns that the centre crop drops cut away between Pillow's two
+        passes: the horizontal pass as usual, the crop's columns, then the vertical pass on those alone. The
+        vertical pass treats every column on its own with coefficients from the heights only, so the kept
+        columns get the same bytes (tested), and a 4:3 photo skips a quarter of that pass. The rows are
+        cropped afterwards, as before. Only for images at least as wide as tall: Pillow 13 resizes a tall
+        image columns first when its height shrinks more than twice as much as its width."""
+        wide = im.resize((w, im.height), resample=self.resample) if w != im.width else im
+        left = (w - crop_w) // 2
+        kept = wide.crop((left, 0, left + crop_w, im.height))
+        return kept.resize((crop_w, h), resample=self.resample) if h != im.height else kept
 
     def normalize(self, pixels):
         """uint8 ``(..., 3, H, W)`` → float32, bit-identical to transformers' rescale + normalise."""
