@@ -121,6 +121,25 @@ def test_flash_packed_training_matches_padded(backbones, train_data, stage1, tmp
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
 
 
+def test_flash_packed_lora_training_matches_padded(backbones, train_data, stage1, tmp_path, flash,
+                                                   no_position_inference):
+    """LoRA (the boundaries pass through the peft wrapper) with activation checkpointing, as
+    scripts/v1_5/finetune_lora.sh runs it: packed under FlashAttention = padded."""
+    from .conftest import lora_flags
+
+    common = dict(max_steps=4, logging_steps=1, group_by_modality_length="True", per_device_train_batch_size=2,
+                  save_strategy="no", lora_dropout=0.0, gradient_checkpointing="True")
+    projector = stage1["out"] / "mm_projector.bin"
+    run(lora_flags(backbones, train_data, tmp_path / "padded", projector, attn_implementation="sdpa", **common))
+    run(lora_flags(backbones, train_data, tmp_path / "packed", projector, attn_implementation=flash,
+                   packing="True", **common))
+    assert flash_reference.calls["varlen"] > 0 and flash_reference.calls["dense"] == 0
+    a, b = training_logs(tmp_path / "padded"), training_logs(tmp_path / "packed")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+
+
 def test_torch_varlen_hands_pytorchs_kernel_the_flattened_rows(monkeypatch):
     """On a GPU, torch_varlen calls torch.nn.attention.varlen.varlen_attn: here a stand-in checks the
     arguments it gets (flattened rows, int32 boundaries, causal window, GQA) and answers per sample."""
