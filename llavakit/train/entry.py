@@ -122,6 +122,14 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
                              packing_max_length=packing_capacity(train_args))
     logger.info("data: %d records, %d train (%d with images), %d skipped, %d truncated", len(store),
                 len(dataset), int(index.has_image.sum()), len(index.skipped), index.num_truncated)
+    if train_args.packing:
+        attn, rows = train_args.attn_implementation, collator.packing_max_length
+        if rows is None:
+            logger.info("packing: one row per micro-batch, attended per sample (%s)", attn)
+        else:
+            logger.info("packing: rows of at most %d tokens under a block attention mask (%s); "
+                        "--attn_implementation flash_attention_2 or torch_varlen attend per sample with no padding",
+                        rows, attn or "sdpa")
     return dataset, collator, template
 
 
