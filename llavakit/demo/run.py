@@ -57,7 +57,7 @@ class DemoConfig:
     # --mm_projector_lr: the projector moves slowly while the language model learns to read it; at the
     # language model's rate the projector amplifies colour until shape is unreadable (measured)
     stage2_projector_lr: float = 1e-4
-    packing: bool = False  # measured: slower here (short samples, SDPA block masks)
+    packing: bool = False  # measured: slower here (short samples; SDPA block masks, and torch_varlen too)
     # sort by length over 8 steps' samples: 95% of the stage-2 tokens are real instead of 70%; an epoch
     # takes 15-17.5 s instead of 22 s, so 34 epochs fit where 22 did (measured)
     length_group_steps: int = 8
