@@ -178,3 +178,48 @@ def test_lora_with_the_seed_flags_trains_adapters_and_projector_only(backbones, 
     saved = load_file(out / "adapter_model.safetensors")
     assert any("multi_modal_projector" in k for k in saved) and any("lora_A" in k for k in saved)
     assert not any("vision_tower" in k for k in saved)
+
+
+@pytest.mark.parametrize("which", ["stage1", "lora_run"])
+def test_checkpointed_runs_keep_gradients_out_of_the_frozen_vision_tower(request, which):
+    """The scripts' --gradient_checkpointing True: the language model is checkpointed, but no gradient goes
+    through the frozen vision tower (transformers' own set-up would run its backward for every image)."""
+    model = request.getfixturevalue(which)["result"].trainer.llava
+    assert model.model.language_model.is_gradient_checkpointing
+    assert not model.model.vision_tower.is_gradient_checkpointing
+    seen = []
+    hook = model.model.vision_tower.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state.requires_grad))
+    try:
+        model.train()
+        n = model.config.image_seq_length
+        ids = torch.tensor([[1, *[model.config.image_token_index] * n, 5, 6, 7]])
+        size = model.config.vision_config.image_size
+        out = model(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), labels=ids)
+        out.loss.backward()
+        projector_grads = [p.grad is not None for p in model.model.multi_modal_projector.parameters()]
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    assert seen == [False]
+    assert any(projector_grads)
+
+
+def test_activation_checkpointing_leaves_the_losses_unchanged(backbones, train_data, stage1, tmp_path):
+    """Stage 1 with the scripts' checkpointing (the stage1 fixture) and without it: the same losses."""
+    from .conftest import logged_losses
+
+    run(stage1_flags(backbones, train_data, tmp_path / "plain", gradient_checkpointing="False"))
+    ref, got = logged_losses(stage1["out"]), logged_losses(tmp_path / "plain")
+    assert sorted(ref) == sorted(got) and len(ref) >= 2
+    assert all(abs(ref[k] - got[k]) < 1e-5 for k in ref), (ref, got)
+
+
+def test_frozen_tower_benchmark_runs_and_both_set_ups_train_alike():
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frozen_tower.py"), "--vision", "toy", "--steps", "1",
+                        "--batch", "2", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["transformers_losses"] == out["llavakit_losses"] and len(out["llavakit_losses"]) == 2
+    assert out["transformers_ms_per_step"] > 0 and out["llavakit_ms_per_step"] > 0

@@ -165,7 +165,7 @@ def run(argv: list[str]) -> RunResult:
 
     from llavakit.model.build import build_model, load_parts, torch_dtype_for
     from llavakit.model.projector import load_projector
-    from llavakit.train.stages import configure_trainable
+    from llavakit.train.stages import configure_trainable, enable_activation_checkpointing
 
     parts = load_parts(model_args.model_name_or_path, model_args.vision_tower,
                        select_layer=model_args.mm_vision_select_layer,
@@ -212,8 +212,7 @@ def run(argv: list[str]) -> RunResult:
     stage = configure_trainable(base, model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
                                 train_args.freeze_mm_mlp_adapter, lora=lora)
     if train_args.activation_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        enable_activation_checkpointing(base)
         train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
 
     from llavakit.train.callbacks import SummaryCallback

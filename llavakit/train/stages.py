@@ -56,3 +56,24 @@ def configure_trainable(model, tune_mm_mlp_adapter: bool, freeze_backbone: bool 
     stage = Stage(name, tune_mm_mlp_adapter, trainable, total)
     logger.info(stage.describe())
     return stage
+
+
+def _outputs_require_grad(module, inputs, output):
+    output.requires_grad_(True)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant) for the language model, with no gradient through the frozen
+    vision tower.
+
+    transformers' ``activation_checkpointing_enable`` also makes the output of every sub-model's input
+    embeddings require grad (``enable_input_require_grads``) — the vision tower's patch embedding too — so
+    autograd would run the frozen tower's backward, and recompute its checkpointed layers, for every image,
+    although none of its weights train and the projector's gradient starts at the projector. Only the
+    language model's embeddings keep the hook, and the tower runs without checkpointing (it saves nothing for
+    a backward that never comes).
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    model.model.vision_tower.activation_checkpointing_disable()
+    model._require_grads_hooks = [model.get_input_embeddings().register_forward_hook(_outputs_require_grad)]
