@@ -185,8 +185,8 @@ def test_checkpointed_runs_keep_gradients_out_of_the_frozen_vision_tower(request
     """The scripts' --gradient_checkpointing True: the language model is checkpointed, but no gradient goes
     through the frozen vision tower (transformers' own set-up would run its backward for every image)."""
     model = request.getfixturevalue(which)["result"].trainer.llava
-    assert model.model.language_model.is_gradient_checkpointing
-    assert not model.model.vision_tower.is_gradient_checkpointing
+    assert model.model.language_model.is_activation_checkpointing
+    assert not model.model.vision_tower.is_activation_checkpointing
     seen = []
     hook = model.model.vision_tower.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state.requires_grad))
     try:
