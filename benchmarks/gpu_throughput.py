@@ -111,7 +111,7 @@ def check_packed_equals_padded(model, n_img: int, attn: str, packed_attn: str, d
 
 def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: int, device: torch.device,
                peak: float | None, rng, capacity: int | None) -> dict:
-    from llavakit.data.collate import LlavaCollator, varlen_kwargs
+    from llavakit.data.collate import LlavaCollator, scored_logits_kwargs, varlen_kwargs
     from llavakit.data.images import ImageTransform
     from llavakit.model.build import uses_varlen_attention
     from llavakit.model.lora import apply_lora
@@ -147,6 +147,7 @@ def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: i
         batch_ = {k: v.to(device) for k, v in batch_.items()}
         if seq_lengths is not None and uses_varlen_attention(model.config.text_config._attn_implementation):
             batch_.update(varlen_kwargs(seq_lengths, device))  # as the trainer does
+        batch_.update(scored_logits_kwargs(batch_["labels"]))  # logits where a token is supervised, as the trainer
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -194,3 +194,23 @@ def test_packing_rows_one_per_micro_batch_only_with_a_varlen_kernel():
     assert cap("kernels-community/flash-attn2") is None and cap("torch_varlen") is None
     assert cap("sdpa") == cap("eager") == cap(None) == 2048
     assert cap("flash_attention_2", 4096) == cap("sdpa", 4096) == 4096
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_logits_only_where_a_supervised_token_is_predicted_give_the_models_own_loss(model_and_samples, packing):
+    from llavakit.data.collate import scored_logits_kwargs
+
+    model, samples, transform, pad = model_and_samples
+    batch = LlavaCollator(pad, transform, packing=packing)(samples)
+    for k in ("num_real_tokens", "num_samples", "seq_lengths"):
+        batch.pop(k, None)
+    scored = scored_logits_kwargs(batch["labels"])
+    n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        for extra in ({}, {"num_items_in_batch": torch.tensor(n_supervised + 7)}):  # mean, and the Trainer's sum / n
+            full = model(**batch, **extra)
+            part = model(**batch, **scored, **extra)
+            assert abs(float(full.loss) - float(part.loss)) < 1e-6, (extra, float(full.loss), float(part.loss))
+    width = batch["input_ids"].shape[1]
+    assert part.logits.shape[1] == len(scored["logits_to_keep"]) < width / 2  # image and prompt positions dropped
+    assert int((scored["shift_labels"] != IGNORE_INDEX).sum()) == n_supervised

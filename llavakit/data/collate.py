@@ -128,3 +128,14 @@ def varlen_kwargs(seq_lengths: list[list[int]], device) -> dict:
     cu[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32), 0)
     cu = cu.to(device, non_blocking=True)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(flat), "max_length_k": max(flat)}
+
+
+def scored_logits_kwargs(labels: torch.Tensor) -> dict:
+    """Logits only where a supervised token is predicted: the positions (shared by the batch's rows) whose
+    next label is supervised in some row, as transformers' ``logits_to_keep``, with the matching
+    ``shift_labels`` for its causal-LM loss. The loss is the same sum over the same (logit, target) pairs;
+    what goes is the language-model head, the fp32 upcast and the softmax over image and prompt positions —
+    in stage 1, 576 image tokens against ~60 caption tokens a sample."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = (shifted != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep]}

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from llavakit.data.collate import varlen_kwargs
+from llavakit.data.collate import scored_logits_kwargs, varlen_kwargs
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
@@ -149,6 +149,8 @@ class LlavaTrainer(Trainer):
             inputs["pixel_values"] = self.data_collator.transform.normalize(pixels).to(dtype)
         if model.training:
             inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
+            if inputs.get("labels") is not None:
+                inputs.update(scored_logits_kwargs(inputs["labels"]))
         seq_lengths = inputs.pop("seq_lengths", None)
         if seq_lengths is not None and self._varlen:
             inputs.update(varlen_kwargs(seq_lengths, inputs["input_ids"].device))
