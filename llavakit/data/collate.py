@@ -71,6 +71,7 @@ class LlavaCollator:
         input_ids, labels = self._canvas(len(rows), max(sum(lengths[i] for i in row) for row in rows))
         width = input_ids.shape[1]
         position_ids = torch.zeros_like(input_ids)
+        seq_lengths = []
         for r, row in enumerate(rows):
             pos = 0
             for i in row:
@@ -81,9 +82,7 @@ class LlavaCollator:
                 position_ids[r, pos:pos + length] = torch.arange(length)
                 pos += length
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a sequence of its own
-        seq_lengths = [[lengths[i] for i in row] + ([width - sum(lengths[i] for i in row)]
-                                                    if width > sum(lengths[i] for i in row) else [])
-                       for row in rows]
+            seq_lengths.append([lengths[i] for i in row] + ([width - pos] if width > pos else []))
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_lengths": seq_lengths,
                  "num_real_tokens": sum(lengths), "num_samples": len(features)}
         return self._images(batch, [features[i] for row in rows for i in row])
