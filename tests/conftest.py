@@ -153,6 +153,23 @@ def assert_same_losses(ref: dict, got: dict, steps, tol: float) -> None:
         assert abs(got[step] - ref[step]) < tol, (step, got[step], ref[step])
 
 
+def instruct_samples(asm, data) -> tuple[list[dict], object]:
+    """Five stage-2 samples of the test data through llavakit's dataset (images and text-only — record 3 —,
+    mixed lengths), and the image transform that made them."""
+    from llavakit.data.dataset import LlavaDataset, build_sample_index
+    from llavakit.data.images import ImageTransform
+    from llavakit.data.records import load_records
+    from llavakit.data.templates import get_template
+    from llavakit.data.tokenize import ConversationEncoder
+
+    store, valid, _ = load_records(data["instruct"])
+    enc = ConversationEncoder(asm.tokenizer, get_template("v1"), asm.num_image_tokens)
+    index = build_sample_index(store, valid, enc, 512)
+    transform = ImageTransform.from_processor(asm.image_processor, "pad")
+    ds = LlavaDataset(store, index, enc, transform, data["images"], 512)
+    return [ds[i] for i in (0, 3, 1, 2, 7)], transform
+
+
 def llava_inputs(processor, image_path, text: str = "What colour is the circle?") -> dict:
     """Model inputs for one question about one image, rendered with the processor's chat template."""
     from llavakit.data.images import open_image

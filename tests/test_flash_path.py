@@ -11,7 +11,7 @@ from llavakit.data.collate import LlavaCollator, pack_rows, varlen_kwargs
 from llavakit.train.entry import run
 
 from . import flash_reference
-from .conftest import stage2_flags, training_logs
+from .conftest import instruct_samples, stage2_flags, training_logs
 
 
 @pytest.fixture(scope="module", params=["flash_reference", "torch_varlen"])
@@ -50,22 +50,12 @@ def no_position_inference(monkeypatch, flash):
 
 @pytest.fixture(scope="module")
 def models(backbones, train_data, flash):  # (module-scoped: built once per attention implementation)
-    from llavakit.data.dataset import LlavaDataset, build_sample_index
-    from llavakit.data.images import ImageTransform
-    from llavakit.data.records import load_records
-    from llavakit.data.templates import get_template
-    from llavakit.data.tokenize import ConversationEncoder
     from llavakit.model.build import assemble
 
     ref = assemble(backbones["llm"], backbones["clip"], attn_implementation="sdpa")
     fl = assemble(backbones["llm"], backbones["clip"], attn_implementation=flash)
     fl.model.load_state_dict(ref.model.state_dict())  # the same weights (the projector is new in each)
-    store, valid, _ = load_records(train_data["instruct"])
-    enc = ConversationEncoder(ref.tokenizer, get_template("v1"), ref.num_image_tokens)
-    index = build_sample_index(store, valid, enc, 512)
-    transform = ImageTransform.from_processor(ref.image_processor, "pad")
-    ds = LlavaDataset(store, index, enc, transform, train_data["images"], 512)
-    samples = [ds[i] for i in (0, 3, 1, 2, 7)]  # images and text-only (record 3 is text-only), mixed lengths
+    samples, transform = instruct_samples(ref, train_data)
     for m in (ref.model, fl.model):
         m.eval().config.use_cache = False
     return ref.model, fl.model, samples, transform, ref.tokenizer.pad_token_id

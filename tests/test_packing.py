@@ -8,14 +8,9 @@ import torch
 
 from llavakit import IGNORE_INDEX
 from llavakit.data.collate import LlavaCollator, pack_rows
-from llavakit.data.dataset import LlavaDataset, build_sample_index
-from llavakit.data.images import ImageTransform
-from llavakit.data.records import load_records
-from llavakit.data.templates import get_template
-from llavakit.data.tokenize import ConversationEncoder
 from llavakit.train.entry import run
 
-from .conftest import stage2_flags, training_logs
+from .conftest import instruct_samples, stage2_flags, training_logs
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +21,7 @@ def model_and_samples(backbones, train_data):
     model = asm.model.eval()
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    store, valid, _ = load_records(train_data["instruct"])
-    enc = ConversationEncoder(asm.tokenizer, get_template("v1"), asm.num_image_tokens)
-    index = build_sample_index(store, valid, enc, 512)
-    transform = ImageTransform.from_processor(asm.image_processor, "pad")
-    ds = LlavaDataset(store, index, enc, transform, train_data["images"], 512)
-    samples = [ds[i] for i in (0, 3, 1, 2, 7)]  # images and text-only (record 3 is text-only), mixed lengths
+    samples, transform = instruct_samples(asm, train_data)
     return model, samples, transform, asm.tokenizer.pad_token_id
 
 
