@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -44,6 +43,7 @@ def build(vision: str, device: torch.device):
 
 
 def main() -> None:
+    from llavakit.bench import timed_train_step
     from llavakit.train.stages import configure_trainable, enable_activation_checkpointing
 
     ap = argparse.ArgumentParser()
@@ -78,20 +78,10 @@ def main() -> None:
         model.train()
         times, losses = [], []
         for step, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            seconds, loss = timed_train_step(model, {k: v.to(device) for k, v in batch.items()}, opt, device)
             if step:  # step 0 warms up
-                times.append(time.perf_counter() - t)
-            losses.append(float(loss.detach()))
+                times.append(seconds)
+            losses.append(loss)
         out[f"{name}_ms_per_step"] = round(1000 * sum(times) / len(times), 1)
         out[f"{name}_losses"] = [round(x, 5) for x in losses]
     if out["transformers_losses"] != out["llavakit_losses"]:

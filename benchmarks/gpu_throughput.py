@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import time
 
 import numpy as np
 import torch
@@ -78,13 +77,26 @@ def samples(n: int, n_img: int, stage: str, image_size: int, rng: np.random.Gene
     return out
 
 
+def model_inputs(batch: dict, device: torch.device, attn: str) -> tuple[dict, int, int]:
+    """A collated batch as the trainer hands it to the model (sequence boundaries for a varlen kernel), with
+    its real-token and sample counts."""
+    from llavakit.data.collate import varlen_kwargs
+    from llavakit.model.build import uses_varlen_attention
+
+    real, n = batch.pop("num_real_tokens"), batch.pop("num_samples")
+    seq_lengths = batch.pop("seq_lengths", None)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    if seq_lengths is not None and uses_varlen_attention(attn):
+        inputs.update(varlen_kwargs(seq_lengths, device))
+    return inputs, real, n
+
+
 def check_packed_equals_padded(model, n_img: int, attn: str, packed_attn: str, device: torch.device,
                                capacity: int | None, rng, batch: int) -> dict:
     """One batch's loss padded (``attn``) and packed (``packed_attn``): the figures that follow time a
     computation only when the two agree (bf16 on a GPU: within 2%, fp32 on the CPU: 1e-4)."""
-    from llavakit.data.collate import LlavaCollator, varlen_kwargs
+    from llavakit.data.collate import LlavaCollator
     from llavakit.data.images import ImageTransform
-    from llavakit.model.build import uses_varlen_attention
 
     size = model.config.vision_config.image_size
     transform = ImageTransform(shortest_edge=size, crop_hw=(size, size))
@@ -93,12 +105,8 @@ def check_packed_equals_padded(model, n_img: int, attn: str, packed_attn: str, d
     model.eval()
     for packed, impl in ((False, attn), (True, packed_attn)):
         model.set_attn_implementation({"text_config": impl})
-        b = LlavaCollator(0, transform, packing=packed, packing_max_length=capacity)(features)
-        b.pop("num_real_tokens"), b.pop("num_samples")
-        seq_lengths = b.pop("seq_lengths", None)
-        b = {k: v.to(device) for k, v in b.items()}
-        if seq_lengths is not None and uses_varlen_attention(impl):
-            b.update(varlen_kwargs(seq_lengths, device))
+        b, _, _ = model_inputs(LlavaCollator(0, transform, packing=packed, packing_max_length=capacity)(features),
+                               device, impl)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses[packed] = float(model(**b).loss)
     diff = abs(losses[True] - losses[False]) / max(abs(losses[False]), 1e-6)
@@ -111,9 +119,9 @@ def check_packed_equals_padded(model, n_img: int, attn: str, packed_attn: str, d
 
 def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: int, device: torch.device,
                peak: float | None, rng, capacity: int | None) -> dict:
-    from llavakit.data.collate import LlavaCollator, scored_logits_kwargs, varlen_kwargs
+    from llavakit.bench import timed_train_step
+    from llavakit.data.collate import LlavaCollator, scored_logits_kwargs
     from llavakit.data.images import ImageTransform
-    from llavakit.model.build import uses_varlen_attention
     from llavakit.model.lora import apply_lora
     from llavakit.train.stages import configure_trainable
     from llavakit.train.throughput import ModelFlops
@@ -135,31 +143,18 @@ def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: i
     params = [p for p in target.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     flops = ModelFlops.of(target, n_img)
-    use_bf16 = device.type == "cuda"
     target.train()
     times, real, processed, n_samples = [], 0, 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(steps + 1):  # step 0 warms up
-        batch_ = collate(samples(batch, n_img, "stage1" if stage == "stage1" else "stage2", size, rng, 2048))
-        r, ns = int(batch_.pop("num_real_tokens")), int(batch_.pop("num_samples"))
-        seq_lengths = batch_.pop("seq_lengths", None)
-        batch_ = {k: v.to(device) for k, v in batch_.items()}
-        if seq_lengths is not None and uses_varlen_attention(model.config.text_config._attn_implementation):
-            batch_.update(varlen_kwargs(seq_lengths, device))  # as the trainer does
+        batch_, r, ns = model_inputs(
+            collate(samples(batch, n_img, "stage1" if stage == "stage1" else "stage2", size, rng, 2048)), device,
+            model.config.text_config._attn_implementation)
         batch_.update(scored_logits_kwargs(batch_["labels"]))  # logits where a token is supervised, as the trainer
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = target(**batch_).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        seconds, _ = timed_train_step(target, batch_, opt, device)
         if step:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
             real += r
             processed += batch_["input_ids"].numel()
             n_samples += ns

@@ -117,6 +117,27 @@ def bench_padding(seed: int = 0, batch: int = 16, world: int = 8) -> dict:
     }
 
 
+def timed_train_step(model, inputs: dict, optimizer, device) -> tuple[float, float]:
+    """One optimizer step as training takes it (bf16 autocast on CUDA): its seconds (synchronised on CUDA)
+    and its loss. The step the benchmark scripts time."""
+    import time
+
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, float(loss.detach())
+
+
 def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | None = None,
                 rows_of: int = 512) -> dict:
     """Tiny-model training steps on the CPU on the same samples (mixed lengths): padded (SDPA); packed into one
