@@ -26,6 +26,7 @@ from transformers.trainer_utils import seed_worker
 
 from llavakit.data.collate import scored_logits_kwargs, varlen_kwargs
 from llavakit.data.sampler import LengthGroupedBatchSampler
+from llavakit.model.build import uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
 from llavakit.train.graph import add_dummy_image
@@ -77,8 +78,6 @@ class LlavaTrainer(Trainer):
         self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": cfg.image_seq_length,
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
-        from llavakit.model.build import uses_varlen_attention
-
         # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
         self._varlen = uses_varlen_attention(getattr(cfg.text_config, "_attn_implementation", None))
         self.tokens_seen = 0  # real (non-padding) tokens
