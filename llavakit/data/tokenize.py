@@ -194,11 +194,42 @@ class ConversationEncoder:
                        encoded.prompt)
 
 
+class TokenizerLoadError(ValueError):
+    """A tokenizer cannot be read; the message names the directory and what is missing."""
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """A fast tokenizer from a directory or hub name (also the tokenizer inside a LLaVA checkpoint)."""
+    """A fast tokenizer from a directory or hub name (also the tokenizer inside a LLaVA checkpoint).
+
+    A directory with only ``tokenizer.model`` (Vicuna, the original LLaVA checkpoints) is converted by
+    transformers, which needs ``sentencepiece``; every failure is one :class:`TokenizerLoadError` sentence.
+    """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, TypeError, KeyError) as e:
+        raise TokenizerLoadError(_tokenizer_problem(name_or_path, e)) from None
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{name_or_path}: no fast tokenizer (tokenizer.json) could be built; llavakit needs one")
+        raise TokenizerLoadError(f"{name_or_path}: no fast tokenizer (tokenizer.json) could be built; "
+                                 "llavakit needs one")
     return tok
+
+
+def _tokenizer_problem(name_or_path: str, error: BaseException) -> str:
+    import importlib.util
+    import os
+
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if not os.path.isdir(name_or_path):
+        if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            return f"{name_or_path}: no such tokenizer directory"
+        return f"{name_or_path}: cannot load its tokenizer from the hub or the local cache ({first_line})"
+    files = set(os.listdir(name_or_path))
+    if "tokenizer.json" not in files and "tokenizer.model" in files and importlib.util.find_spec("sentencepiece") is None:
+        return (f"{name_or_path}: its tokenizer is a sentencepiece tokenizer.model (no tokenizer.json); reading it "
+                "needs the sentencepiece package: pip install sentencepiece protobuf")
+    if not files & {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}:
+        return (f"{name_or_path}: no tokenizer files (tokenizer.json, or tokenizer.model with "
+                "tokenizer_config.json)")
+    return f"{name_or_path}: cannot load its tokenizer ({first_line})"

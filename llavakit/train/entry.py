@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from llavakit.config import ConfigError
     from llavakit.data.records import InvalidRecordsError, RecordFileError
     from llavakit.data.templates import TemplateError
+    from llavakit.data.tokenize import TokenizerLoadError
     from llavakit.model.build import ModelLoadError
     from llavakit.model.projector import ProjectorFileError
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
-            ProjectorFileError, CheckpointMismatchError) as e:
+            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on
