@@ -25,7 +25,8 @@ def test_vicuna_v1_exact_text_and_image_moved_to_front():
     text, sup = render("v1", turns("What is this?\n<image>", "A cat.", "Colour?", "Black."))
     assert text == (f"{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>"
                     "USER: Colour? ASSISTANT: Black.</s>")
-    assert sup == "A cat.</s>Black.</s>"
+    # supervised from where the generation prompt ("... ASSISTANT:") ends: the space is the model's to write
+    assert sup == " A cat.</s> Black.</s>"
 
 
 def test_vicuna_generation_prompt_matches_original():
@@ -48,7 +49,7 @@ def test_llama_2_exact():
     text, sup = render("llama_2", turns("<image>\nQ1", "A1", "Q2", "A2"))
     assert text == (f"[INST] <<SYS>>\n{LLAVA_LLAMA_SYSTEM}\n<</SYS>>\n\n<image>\nQ1 [/INST] A1 </s>"
                     "<s>[INST] Q2 [/INST] A2 </s>")
-    assert sup == "A1 </s>A2 </s>"
+    assert sup == " A1 </s> A2 </s>"
 
 
 def test_mpt_exact():

@@ -80,11 +80,21 @@ class Template:
         """The prompt for generating the next answer; ``turns`` ends with a human turn."""
         raise NotImplementedError
 
-    def to_jinja(self) -> str:
+    def text_after_user(self) -> str:
+        """The literal text that follows a user message in a generation prompt."""
+        return ""
+
+    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
         """A Jinja chat template that renders as this template does (for the saved tokenizer/processor).
 
         Message content may be a string (with ``<image>`` inside) or a list of ``{"type": "image"}`` /
         ``{"type": "text", "text": ...}`` parts; image parts go first, each as ``<image>\n``.
+
+        ``image_sep`` is written after every ``<image>`` that text follows (``image_sep_at_end``: also after
+        one that ends a user message), so that tokenizing the rendering in one piece, as plain transformers
+        does, gives the ids of training's chunk-wise tokenization (see
+        :func:`llavakit.data.tokenize.image_text_separator`). Rendering with the variable
+        ``llavakit_image_sep=""`` leaves it out: the text training tokenized.
         """
         raise NotImplementedError
 
@@ -106,7 +116,8 @@ class PlainTemplate(Template):
     def generation_prompt(self, turns: list[Turn]) -> str:
         return IMAGE_PLACEHOLDER * turns[-1].text.count(IMAGE_PLACEHOLDER)
 
-    def to_jinja(self) -> str:
+    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
+        # nothing follows the images of a generation prompt: no separator
         return ("{% for message in messages %}{% if message['role'] == 'user' %}"
                 "{% if message['content'] is string %}{{ '<image>' * (message['content'].count('<image>')) }}"
                 "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
@@ -140,13 +151,23 @@ class RoleTemplate(Template):
         prefix = self.first_user_prefix if (k == 0 and self.first_user_prefix is not None) else self.user_prefix
         return prefix.replace("{system}", self.system) + q + self.user_suffix
 
+    @property
+    def _generation_prefix(self) -> str:
+        return self.generation_prefix if self.generation_prefix is not None else self.assistant_prefix
+
     def render(self, turns: list[Turn]) -> list[Segment]:
+        # the prompt part of each turn ends where a generation prompt ends: whatever the model has to produce
+        # after it (vicuna_v1's space after "ASSISTANT:", a lone "▁" before a digit) is supervised
+        gen = self._generation_prefix
+        if not self.assistant_prefix.startswith(gen):
+            raise TemplateError(f"template {self.name!r}: the generation prefix {gen!r} must begin the assistant "
+                                f"prefix {self.assistant_prefix!r}")
         segs = [Segment(self.head.replace("{system}", self.system))] if self.head else []
         for k, (q, a) in enumerate(_pairs(turns)):
             if a is None:
                 raise TemplateError("the conversation ends with a human turn; training needs an answer")
-            segs.append(Segment(self._user(k, q) + self.assistant_prefix))
-            segs.append(Segment(a + self.assistant_suffix, True))
+            segs.append(Segment(self._user(k, q) + gen))
+            segs.append(Segment(self.assistant_prefix[len(gen):] + a + self.assistant_suffix, True))
             if self.turn_sep:
                 segs.append(Segment(self.turn_sep))
         return segs
@@ -159,26 +180,29 @@ class RoleTemplate(Template):
         for k, (q, a) in enumerate(pairs):
             out += self._user(k, q)
             if a is None:
-                gen = self.generation_prefix if self.generation_prefix is not None else self.assistant_prefix
-                out += gen
+                out += self._generation_prefix
             else:
                 out += self.assistant_prefix + a + self.assistant_suffix + self.turn_sep
         return out
 
-    def to_jinja(self) -> str:
-        gen = self.generation_prefix if self.generation_prefix is not None else self.assistant_prefix
+    def text_after_user(self) -> str:
+        return self.user_suffix + self._generation_prefix
+
+    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
+        gen = self._generation_prefix
         user = _lit(self.user_prefix)
         if self.first_user_prefix is not None:
             user = ("{% if loop.index0 == first_user %}" + _with_system(self.first_user_prefix) + "{% else %}"
                     + user + "{% endif %}")
         return (
+            _image_sep_setting(image_sep) +
             "{% set system = " + _py(self.system) + " %}{% set first_user = 0 %}"
             "{% if messages and messages[0]['role'] == 'system' %}"
             "{% set system = messages[0]['content'] if messages[0]['content'] is string "
             "else messages[0]['content'][0]['text'] %}{% set first_user = 1 %}{% endif %}"
             + _with_system(self.head) +
-            "{% for message in messages %}{% if message['role'] == 'user' %}" + user + _jinja_content()
-            + _lit(self.user_suffix) +
+            "{% for message in messages %}{% if message['role'] == 'user' %}" + user
+            + _jinja_content(images=True, sep_at_end=image_sep_at_end) + _lit(self.user_suffix) +
             "{% elif message['role'] == 'assistant' %}" + _lit(self.assistant_prefix) + _jinja_content()
             + _lit(self.assistant_suffix) + _lit(self.turn_sep) +
             "{% endif %}{% endfor %}{% if add_generation_prompt %}" + _lit(gen) + "{% endif %}"
@@ -199,10 +223,26 @@ def _with_system(s: str) -> str:
     return _lit(before) + ("{{ system }}" if found else "") + _lit(after)
 
 
-def _jinja_content() -> str:
-    """Message content as text: a string as is; parts → each image as ``<image>\n``, then the text."""
-    return ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}"
+def _image_sep_setting(image_sep: str) -> str:
+    return ("{% set image_sep = llavakit_image_sep if llavakit_image_sep is defined else " + _py(image_sep)
+            + " %}")
+
+
+def _jinja_content(images: bool = False, sep_at_end: bool = False) -> str:
+    """Message content as text: a string as is; parts → each image as ``<image>\n``, then the text.
+
+    With ``images``, ``image_sep`` follows each ``<image>`` that text follows (and, with ``sep_at_end``, one
+    that ends the message)."""
+    if not images:
+        string = "{{ message['content'] }}"
+        image_part = "{{ '<image>\\n' }}"
+    else:
+        string = ("{% for piece in message['content'].split('<image>') %}{% if not loop.first %}{{ '<image>' }}"
+                  "{% if piece" + (" or loop.last" if sep_at_end else "") + " %}{{ image_sep }}{% endif %}"
+                  "{% endif %}{{ piece }}{% endfor %}")
+        image_part = "{{ '<image>' + image_sep + '\\n' }}"
+    return ("{% if message['content'] is string %}" + string + "{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_part + "{% endif %}"
             "{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
             "{% endif %}{% endfor %}{% endif %}")
 
@@ -282,8 +322,8 @@ class HFChatTemplate(Template):
     def generation_prompt(self, turns: list[Turn]) -> str:
         return self._apply(turns, add_generation_prompt=True)
 
-    def to_jinja(self) -> str:
-        return self.tokenizer.chat_template
+    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
+        return self.tokenizer.chat_template  # the tokenizer's own, as it is
 
 
 TEMPLATES: dict[str, Template] = {

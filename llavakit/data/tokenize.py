@@ -4,8 +4,11 @@ Token ids follow the original LLaVA's construction: the prompt is split at each 
 chunk is tokenized on its own (BOS once, at the start, when the tokenizer adds one), and each placeholder
 becomes a block of N image-token ids (the original spliced a single ``-200`` there instead).
 
-Labels come from character offsets: a token is supervised when its characters lie in a supervised segment
-of the template's rendering. The result is then verified — every answer must own at least one token and no
+Labels come from character offsets: a token is supervised when its visible characters lie in a supervised
+segment of the template's rendering (a whitespace-only token: when it lies in one). A template's supervised
+segment starts where its generation prompt ends, so every token the model must produce after the prompt —
+vicuna_v1's lone ``▁`` before an answer that starts with a digit included — is supervised, as in the
+original. The result is then verified — every answer must own at least one token and no
 token may mix answer text with prompt text — and a sample that fails is a :class:`SupervisionError`, never
 a silently masked sample that trains on loss 0.
 """
@@ -75,18 +78,53 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-class ConversationEncoder:
-    """Turns a :class:`Record` into input ids and labels for one template and one vision tower."""
+#: texts that follow an image in the templates' prompts (a newline, a word, a space, punctuation)
+_SEPARATOR_PROBES = ("\nWhat colour is it?", "What", " and then", "? yes", "x y z")
 
-    def __init__(self, tokenizer, template: Template, num_image_tokens: int,
-                 image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False):
+
+def _after_image_one_piece(tokenizer, text: str, image_token: str) -> list[int] | None:
+    ids = tokenizer(image_token + text, add_special_tokens=False)["input_ids"]
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    return ids[1:] if ids and ids[0] == image_id else None
+
+
+def separates(tokenizer, sep: str, text: str, image_token: str = IMAGE_PLACEHOLDER) -> bool:
+    """Whether ``<image>`` + ``sep`` + ``text`` tokenized in one piece gives, after the image token, the ids
+    of ``text`` tokenized alone (as training tokenizes the chunk after an image)."""
+    return _after_image_one_piece(tokenizer, sep + text, image_token) == \
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def image_text_separator(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> str | None:
+    """The text a prompt needs after each ``<image>`` for one-piece tokenization to equal chunk-wise.
+
+    A sentencepiece-style tokenizer (Vicuna's, legacy off) starts a chunk tokenized alone with ``▁`` but not
+    text that follows a special token, so one piece needs ``" "`` there; byte-level BPE needs nothing.
+    ``None`` when neither works for this tokenizer (then only chunk-wise tokenization is exact).
+    """
+    ensure_special_token(tokenizer, image_token)
+    for sep in ("", " "):
+        if all(separates(tokenizer, sep, p, image_token) for p in _SEPARATOR_PROBES):
+            return sep
+    return None
+
+
+class PromptEncoder:
+    """Token ids of a rendered prompt, built as training builds them: the text split at each ``<image>``,
+    every chunk tokenized on its own, BOS once, each placeholder an image-token block.
+
+    Inference uses it as it is, so a prompt gets the ids training gave the same text (tokenizing the prompt
+    in one piece gives other ids with a sentencepiece tokenizer: one ``▁`` fewer after every image).
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int, image_token: str = IMAGE_PLACEHOLDER,
+                 mm_use_im_start_end: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("llavakit needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
                              f"{type(tokenizer).__name__} is not one")
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
         self.tokenizer = tokenizer
-        self.template = template
         self.num_image_tokens = num_image_tokens
         self.image_token_id = ensure_special_token(tokenizer, image_token)
         self.add_bos = tokenizer_adds_bos(tokenizer)
@@ -94,6 +132,34 @@ class ConversationEncoder:
         if mm_use_im_start_end:
             block = [ensure_special_token(tokenizer, IM_START), *block, ensure_special_token(tokenizer, IM_END)]
         self.image_block = block
+
+    def tokenize_chunks(self, prompt: str, offsets: bool = False) -> tuple[list[str], list[int], dict]:
+        """The text chunks between images, their character starts in ``prompt``, and their tokenization."""
+        chunks = prompt.split(IMAGE_PLACEHOLDER)
+        starts, p = [], 0
+        for c in chunks:
+            starts.append(p)
+            p += len(c) + len(IMAGE_PLACEHOLDER)
+        return chunks, starts, self.tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=offsets)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The ids of ``prompt`` (a rendered conversation or generation prompt, ``<image>`` in place)."""
+        _, _, enc = self.tokenize_chunks(prompt)
+        ids = [self.tokenizer.bos_token_id] if self.add_bos else []
+        for k, chunk_ids in enumerate(enc["input_ids"]):
+            if k:
+                ids.extend(self.image_block)
+            ids.extend(chunk_ids)
+        return ids
+
+
+class ConversationEncoder(PromptEncoder):
+    """Turns a :class:`Record` into input ids and labels for one template and one vision tower."""
+
+    def __init__(self, tokenizer, template: Template, num_image_tokens: int,
+                 image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False):
+        super().__init__(tokenizer, num_image_tokens, image_token, mm_use_im_start_end)
+        self.template = template
         self._check_stop_token()
 
     def _check_stop_token(self) -> None:
@@ -129,12 +195,7 @@ class ConversationEncoder:
         cs_ns = np.concatenate([[0], np.cumsum(nonspace)])
         cs_sns = np.concatenate([[0], np.cumsum(sup & nonspace)])
 
-        chunks = prompt.split(IMAGE_PLACEHOLDER)
-        starts, p = [], 0
-        for c in chunks:
-            starts.append(p)
-            p += len(c) + len(IMAGE_PLACEHOLDER)
-        enc = self.tokenizer([c for c in chunks], add_special_tokens=False, return_offsets_mapping=True)
+        chunks, starts, enc = self.tokenize_chunks(prompt, offsets=True)
 
         ids: list[int] = []
         labels: list[int] = []
@@ -151,7 +212,10 @@ class ConversationEncoder:
                 n_ns = cs_ns[b] - cs_ns[a]
                 n_sns = cs_sns[b] - cs_sns[a]
                 empty = b <= a
-                is_sup = np.where(empty, sup[np.minimum(a, len(sup) - 1)], n_sup > 0)
+                # a token with visible characters is supervised by them; a whitespace-only token (the lone
+                # "▁" of a Llama tokenizer before a digit) by the segment it lies in
+                is_sup = np.where(empty, sup[np.minimum(a, len(sup) - 1)],
+                                  np.where(n_ns > 0, n_sns > 0, n_sup > 0))
                 mixed = ~empty & (n_sup > 0) & (n_ns > 0) & (n_sns > 0) & (n_sns != n_ns)
                 if mixed.any():
                     j = int(np.flatnonzero(mixed)[0])

@@ -228,7 +228,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     from llavakit.data.templates import get_template
     from llavakit.infer.generate import Predictor
     from llavakit.model.build import assemble
-    from llavakit.model.processing import build_processor, image_processor_for
+    from llavakit.model.processing import build_processor, chat_template_for, image_processor_for
     from llavakit.model.projector import load_projector
 
     final = Predictor.from_pretrained(str(s2))
@@ -236,7 +236,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     asm = assemble(str(llm_dir), str(clip_dir))
     load_projector(asm.model.model.multi_modal_projector, str(s1 / "mm_projector.bin"))
     proc = build_processor(asm.tokenizer, image_processor_for(asm.image_processor, "pad"),
-                           asm.model.config.vision_config, "default", get_template("v1").to_jinja())
+                           asm.model.config.vision_config, "default", chat_template_for(get_template("v1"), asm.tokenizer))
     stage1_res = evaluate(Predictor(asm.model, proc), heldout, image_root)
     chance = chance_accuracy(heldout)
 

@@ -1,7 +1,9 @@
 """Generation from a LLaVA model: batched single questions, and multi-turn chats with streaming.
 
 Prompts come from the processor's chat template (the one training saved, so inference renders exactly
-as training did); batches are left-padded for generation; greedy unless a temperature is given.
+as training did) and are tokenized as training tokenized them, chunk by chunk around each image
+(:class:`llavakit.data.tokenize.PromptEncoder`); batches are left-padded for generation; greedy unless a
+temperature is given.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llavakit import IMAGE_PLACEHOLDER
 from llavakit.data.images import open_image
 
 
@@ -41,9 +44,19 @@ class Sampling:
 
 class Predictor:
     def __init__(self, model, processor, device: str | torch.device | None = None):
+        from llavakit.data.tokenize import PromptEncoder
+        from llavakit.model.build import num_image_tokens_for
+
         self.model = model.eval()
         self.processor = processor
-        self.processor.tokenizer.padding_side = "left"
+        self.tokenizer = processor.tokenizer
+        # prompts are tokenized as training tokenized them: chunk by chunk around each image
+        cfg = model.config
+        self.encoder = PromptEncoder(self.tokenizer, num_image_tokens_for(cfg.vision_config,
+                                                                          cfg.vision_feature_select_strategy))
+        if self.encoder.image_token_id != cfg.image_token_index:
+            raise ValueError(f"the tokenizer's <image> id {self.encoder.image_token_id} is not the model's "
+                             f"image_token_index {cfg.image_token_index}")
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model.to(self.device)
         self._lock = threading.Lock()  # one generation at a time (a server's threads share the model)
@@ -61,7 +74,17 @@ class Predictor:
         return self.render([user_message(q.question, 1 if q.image else 0)])
 
     def render(self, messages: list[dict]) -> str:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        """The generation prompt as training rendered it (the chat template without the separators that
+        plain transformers' one-piece tokenization needs; ``<image>`` in place, no BOS text)."""
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.processor.chat_template,
+                                                  tokenize=False, add_generation_prompt=True, llavakit_image_sep="")
+        bos = self.tokenizer.bos_token
+        if bos and self.encoder.add_bos and text.startswith(bos):
+            text = text[len(bos):]  # the encoder adds BOS itself, as training did
+        return text
+
+    def input_ids(self, text: str) -> list[int]:
+        return self.encoder.encode_prompt(text)
 
     # ---- batched single questions ---------------------------------------------------------------
     @torch.no_grad()
@@ -80,8 +103,25 @@ class Predictor:
                     out[i] = text
         return out
 
-    def _inputs(self, texts: list[str], images):
-        return self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
+    def _inputs(self, texts: list[str], images) -> dict:
+        """Left-padded ids (chunk-wise, as in training), attention mask and the images' pixel values."""
+        rows = [self.input_ids(t) for t in texts]
+        n_blocks = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+        if n_blocks != len(images or ()):
+            raise ValueError(f"the prompts hold {n_blocks} image placeholder(s) but {len(images or ())} image(s) "
+                             "were given")
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if images:
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = pixels.to(self.model.dtype)
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def _generate(self, texts: list[str], images, sampling: Sampling) -> list[str]:
         inputs = self._inputs(texts, images)

@@ -97,7 +97,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     from llavakit.data.tokenize import load_tokenizer
     from llavakit.model.build import _vision_config, has_cls_token, load_image_processor, prepare_tokenizer
     from llavakit.model.generation_config import make_savable
-    from llavakit.model.processing import build_processor, image_processor_for, set_generation_stop
+    from llavakit.model.processing import build_processor, chat_template_for, image_processor_for, set_generation_stop
 
     if not os.path.isdir(model_path):  # a hub name: the files, once, into the hub cache
         from huggingface_hub import snapshot_download
@@ -197,10 +197,10 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     write_weights(state, save_path)
 
     template = get_template(conv_mode, tokenizer)
-    tokenizer.chat_template = template.to_jinja()
+    tokenizer.chat_template = chat_template_for(template, tokenizer)
     processor = build_processor(tokenizer, image_processor_for(load_image_processor(tower),
                                                                cfg.get("image_aspect_ratio") or "square"),
-                                vcfg, strategy, template.to_jinja())
+                                vcfg, strategy, tokenizer.chat_template)
     processor.save_pretrained(save_path)
     gen_path = os.path.join(model_path, "generation_config.json")
     gen = GenerationConfig.from_pretrained(model_path) if os.path.isfile(gen_path) else GenerationConfig()

@@ -77,10 +77,10 @@ def load_llava(path: str, *, model_base: str | None = None, dtype: torch.dtype |
 def use_template(model, processor, conv_mode: str) -> None:
     """Render prompts with ``conv_mode`` (and stop where it ends a turn) instead of the saved template."""
     from llavakit.data.templates import get_template
-    from llavakit.model.processing import set_generation_stop
+    from llavakit.model.processing import chat_template_for, set_generation_stop
 
     template = get_template(conv_mode, processor.tokenizer)
-    processor.chat_template = template.to_jinja()
+    processor.chat_template = chat_template_for(template, processor.tokenizer)
     set_generation_stop(model.generation_config, processor.tokenizer, template)
 
 

@@ -6,7 +6,11 @@ Used by the final save of a run, by merging, by conversion and by every inferenc
 
 from __future__ import annotations
 
+import logging
+
 from llavakit import IMAGE_PLACEHOLDER
+
+logger = logging.getLogger(__name__)
 
 
 def image_processor_for(image_processor, aspect_ratio: str):
@@ -20,6 +24,21 @@ def image_processor_for(image_processor, aspect_ratio: str):
            if k not in ("image_processor_type", "processor_class", "_processor_class")}
     cfg["do_pad"] = True
     return LlavaImageProcessorPil(**cfg)
+
+
+def chat_template_for(template, tokenizer) -> str:
+    """The Jinja chat template saved with a model: renders as ``template`` does, with the separator after
+    each image that makes plain transformers' one-piece tokenization give training's ids."""
+    from llavakit.data.tokenize import image_text_separator, separates
+
+    sep = image_text_separator(tokenizer)
+    if sep is None:
+        logger.warning("this tokenizer tokenizes text after an image differently in one piece than chunk by "
+                       "chunk, whatever follows the image: tokenize prompts split at <image> (llavakit's "
+                       "inference does) to get the ids training used")
+        sep = ""
+    at_end = bool(sep) and separates(tokenizer, sep, template.text_after_user())
+    return template.to_jinja(sep, at_end)
 
 
 def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None):

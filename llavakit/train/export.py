@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from llavakit.model.processing import build_processor, image_processor_for, set_generation_stop
+from llavakit.model.processing import build_processor, chat_template_for, image_processor_for, set_generation_stop
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
     out = train_args.output_dir
     model = trainer.llava
     tokenizer = parts.tokenizer
-    chat_template = template.to_jinja()
+    chat_template = chat_template_for(template, tokenizer)
     tokenizer.chat_template = chat_template
     set_generation_stop(model.generation_config, tokenizer, template)
     if trainer.stage.projector_only_saves:
