@@ -264,3 +264,30 @@ def lora_run(backbones, train_data, stage1, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     res = run(lora_flags(backbones, train_data, out, stage1["out"] / "mm_projector.bin", max_steps=3))
     return {"out": out, "result": res}
+
+
+# ---- small copies of the repositories users download (see hub_repos.py) ---------------------------
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """``lmsys/vicuna-7b-v1.5``, ``openai/clip-vit-large-patch14-336``, ``liuhaotian/llava-v1.5-7b``, a model
+    trained with the original code (tower inside, fp32 and bf16), the published stage-1 projector and
+    ``llava-hf/llava-1.5-7b-hf``, in their real layouts (small)."""
+    import torch
+
+    from . import hub_repos as H
+
+    root = tmp_path_factory.mktemp("hub")
+    sp = H.sentencepiece_model()
+    vic = H.vicuna(root / "lmsys" / "vicuna-7b-v1.5", sp)
+    clip_repo = H.clip(root / "openai" / "clip-vit-large-patch14-336")
+    return {
+        "vicuna": vic, "clip": clip_repo,
+        "released": H.llava_original(root / "liuhaotian" / "llava-v1.5-7b", vic),
+        "trained_fp32": H.llava_original(root / "checkpoints" / "llava-v1.5-7b-fp32", vic, clip_repo,
+                                         with_tower=True, dtype=torch.float32),
+        "trained_bf16": H.llava_original(root / "checkpoints" / "llava-v1.5-7b-bf16", vic, clip_repo,
+                                         with_tower=True, dtype=torch.bfloat16),
+        "projector": H.projector(root / "liuhaotian" / "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"
+                                 / "mm_projector.bin"),
+        "llava_hf": H.llava_hf(root / "llava-hf" / "llava-1.5-7b-hf", vic, clip_repo),
+    }

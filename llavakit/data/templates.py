@@ -80,21 +80,11 @@ class Template:
         """The prompt for generating the next answer; ``turns`` ends with a human turn."""
         raise NotImplementedError
 
-    def text_after_user(self) -> str:
-        """The literal text that follows a user message in a generation prompt."""
-        return ""
-
-    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
+    def to_jinja(self) -> str:
         """A Jinja chat template that renders as this template does (for the saved tokenizer/processor).
 
         Message content may be a string (with ``<image>`` inside) or a list of ``{"type": "image"}`` /
         ``{"type": "text", "text": ...}`` parts; image parts go first, each as ``<image>\n``.
-
-        ``image_sep`` is written after every ``<image>`` that text follows (``image_sep_at_end``: also after
-        one that ends a user message), so that tokenizing the rendering in one piece, as plain transformers
-        does, gives the ids of training's chunk-wise tokenization (see
-        :func:`llavakit.data.tokenize.image_text_separator`). Rendering with the variable
-        ``llavakit_image_sep=""`` leaves it out: the text training tokenized.
         """
         raise NotImplementedError
 
@@ -116,8 +106,7 @@ class PlainTemplate(Template):
     def generation_prompt(self, turns: list[Turn]) -> str:
         return IMAGE_PLACEHOLDER * turns[-1].text.count(IMAGE_PLACEHOLDER)
 
-    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
-        # nothing follows the images of a generation prompt: no separator
+    def to_jinja(self) -> str:
         return ("{% for message in messages %}{% if message['role'] == 'user' %}"
                 "{% if message['content'] is string %}{{ '<image>' * (message['content'].count('<image>')) }}"
                 "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
@@ -185,24 +174,20 @@ class RoleTemplate(Template):
                 out += self.assistant_prefix + a + self.assistant_suffix + self.turn_sep
         return out
 
-    def text_after_user(self) -> str:
-        return self.user_suffix + self._generation_prefix
-
-    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
+    def to_jinja(self) -> str:
         gen = self._generation_prefix
         user = _lit(self.user_prefix)
         if self.first_user_prefix is not None:
             user = ("{% if loop.index0 == first_user %}" + _with_system(self.first_user_prefix) + "{% else %}"
                     + user + "{% endif %}")
         return (
-            _image_sep_setting(image_sep) +
             "{% set system = " + _py(self.system) + " %}{% set first_user = 0 %}"
             "{% if messages and messages[0]['role'] == 'system' %}"
             "{% set system = messages[0]['content'] if messages[0]['content'] is string "
             "else messages[0]['content'][0]['text'] %}{% set first_user = 1 %}{% endif %}"
             + _with_system(self.head) +
-            "{% for message in messages %}{% if message['role'] == 'user' %}" + user
-            + _jinja_content(images=True, sep_at_end=image_sep_at_end) + _lit(self.user_suffix) +
+            "{% for message in messages %}{% if message['role'] == 'user' %}" + user + _jinja_content()
+            + _lit(self.user_suffix) +
             "{% elif message['role'] == 'assistant' %}" + _lit(self.assistant_prefix) + _jinja_content()
             + _lit(self.assistant_suffix) + _lit(self.turn_sep) +
             "{% endif %}{% endfor %}{% if add_generation_prompt %}" + _lit(gen) + "{% endif %}"
@@ -223,26 +208,10 @@ def _with_system(s: str) -> str:
     return _lit(before) + ("{{ system }}" if found else "") + _lit(after)
 
 
-def _image_sep_setting(image_sep: str) -> str:
-    return ("{% set image_sep = llavakit_image_sep if llavakit_image_sep is defined else " + _py(image_sep)
-            + " %}")
-
-
-def _jinja_content(images: bool = False, sep_at_end: bool = False) -> str:
-    """Message content as text: a string as is; parts → each image as ``<image>\n``, then the text.
-
-    With ``images``, ``image_sep`` follows each ``<image>`` that text follows (and, with ``sep_at_end``, one
-    that ends the message)."""
-    if not images:
-        string = "{{ message['content'] }}"
-        image_part = "{{ '<image>\\n' }}"
-    else:
-        string = ("{% for piece in message['content'].split('<image>') %}{% if not loop.first %}{{ '<image>' }}"
-                  "{% if piece" + (" or loop.last" if sep_at_end else "") + " %}{{ image_sep }}{% endif %}"
-                  "{% endif %}{{ piece }}{% endfor %}")
-        image_part = "{{ '<image>' + image_sep + '\\n' }}"
-    return ("{% if message['content'] is string %}" + string + "{% else %}"
-            "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_part + "{% endif %}"
+def _jinja_content() -> str:
+    """Message content as text: a string as is; parts → each image as ``<image>\n``, then the text."""
+    return ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}"
             "{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
             "{% endif %}{% endfor %}{% endif %}")
 
@@ -322,8 +291,8 @@ class HFChatTemplate(Template):
     def generation_prompt(self, turns: list[Turn]) -> str:
         return self._apply(turns, add_generation_prompt=True)
 
-    def to_jinja(self, image_sep: str = "", image_sep_at_end: bool = False) -> str:
-        return self.tokenizer.chat_template  # the tokenizer's own, as it is
+    def to_jinja(self) -> str:
+        return self.tokenizer.chat_template
 
 
 TEMPLATES: dict[str, Template] = {

@@ -78,8 +78,9 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-#: texts that follow an image in the templates' prompts (a newline, a word, a space, punctuation)
-_SEPARATOR_PROBES = ("\nWhat colour is it?", "What", " and then", "? yes", "x y z")
+#: texts that follow an image in the templates' prompts (a newline, a word, punctuation); each also with a
+#: leading space, which sentencepiece-style tokenizers treat differently
+_SEPARATOR_PROBES = ("\nWhat colour is it?", "What", "? yes", "x y z")
 
 
 def _after_image_one_piece(tokenizer, text: str, image_token: str) -> list[int] | None:
@@ -95,18 +96,38 @@ def separates(tokenizer, sep: str, text: str, image_token: str = IMAGE_PLACEHOLD
         tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def image_text_separator(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> str | None:
-    """The text a prompt needs after each ``<image>`` for one-piece tokenization to equal chunk-wise.
+@dataclass(frozen=True)
+class ImageSeparator:
+    """What a prompt needs after an ``<image>`` for one-piece tokenization to equal chunk-wise: ``text``
+    before text that starts with anything but a space, ``before_space`` before text that starts with one
+    (nothing before a special token or another image)."""
 
-    A sentencepiece-style tokenizer (Vicuna's, legacy off) starts a chunk tokenized alone with ``▁`` but not
-    text that follows a special token, so one piece needs ``" "`` there; byte-level BPE needs nothing.
-    ``None`` when neither works for this tokenizer (then only chunk-wise tokenization is exact).
+    text: str
+    before_space: str
+
+    def before(self, following: str) -> str:
+        return self.before_space if following.startswith(" ") else self.text
+
+
+def image_text_separator(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> ImageSeparator | None:
+    """The separators that make tokenizing a prompt in one piece (as plain transformers does) give the ids
+    of training's chunk-wise tokenization.
+
+    A sentencepiece-style tokenizer (Vicuna's, legacy off) starts a chunk tokenized alone with ``▁`` unless
+    it starts with a space, and text after a special token without one: one piece needs ``" "`` after the
+    image except before a space. Byte-level BPE needs nothing. ``None`` when no separator works for this
+    tokenizer (then only chunk-wise tokenization is exact).
     """
     ensure_special_token(tokenizer, image_token)
-    for sep in ("", " "):
-        if all(separates(tokenizer, sep, p, image_token) for p in _SEPARATOR_PROBES):
-            return sep
-    return None
+
+    def find(probes) -> str | None:
+        return next((sep for sep in ("", " ") if all(separates(tokenizer, sep, p, image_token) for p in probes)),
+                    None)
+
+    text, before_space = find(_SEPARATOR_PROBES), find([" " + p for p in _SEPARATOR_PROBES])
+    if text is None or before_space is None:
+        return None
+    return ImageSeparator(text, before_space)
 
 
 class PromptEncoder:

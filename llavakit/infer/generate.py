@@ -77,7 +77,7 @@ class Predictor:
         """The generation prompt as training rendered it (the chat template without the separators that
         plain transformers' one-piece tokenization needs; ``<image>`` in place, no BOS text)."""
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.processor.chat_template,
-                                                  tokenize=False, add_generation_prompt=True, llavakit_image_sep="")
+                                                  tokenize=False, add_generation_prompt=True, llavakit_image_sep=False)
         bos = self.tokenizer.bos_token
         if bos and self.encoder.add_bos and text.startswith(bos):
             text = text[len(bos):]  # the encoder adds BOS itself, as training did

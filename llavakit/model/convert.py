@@ -49,8 +49,24 @@ NATIVE_VISION = "model.vision_tower."
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 
 
+#: the level transformers 4.x (the original's pin) has in a vision model's weight names and 5.x has not
+VISION_MODEL_LEVEL = "vision_model."
+#: buffers older checkpoints saved that transformers 5 rebuilds itself
+VISION_CONSTANT_BUFFERS = ("embeddings.position_ids",)
+
+
 class ConversionError(ModelLoadError):
     pass
+
+
+def _native_vision_key(key: str, native_state: dict) -> str | None:
+    """The name of a vision weight (``vision_model.encoder...`` as the original saves it, or already
+    transformers 5's ``encoder...``) in the native tower's state dict, or None."""
+    for name in (key, key[len(VISION_MODEL_LEVEL):] if key.startswith(VISION_MODEL_LEVEL) else None,
+                 VISION_MODEL_LEVEL + key):
+        if name is not None and name in native_state:
+            return name
+    return None
 
 
 # ---- weights on disk ----------------------------------------------------------------------------
@@ -97,7 +113,13 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     from llavakit.data.tokenize import load_tokenizer
     from llavakit.model.build import _vision_config, has_cls_token, load_image_processor, prepare_tokenizer
     from llavakit.model.generation_config import make_savable
-    from llavakit.model.processing import build_processor, chat_template_for, image_processor_for, set_generation_stop
+    from llavakit.model.processing import (
+        build_processor,
+        chat_template_for,
+        image_processor_for,
+        keep_sentencepiece_model,
+        set_generation_stop,
+    )
 
     if not os.path.isdir(model_path):  # a hub name: the files, once, into the hub cache
         from huggingface_hub import snapshot_download
@@ -165,10 +187,19 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     dtype = state[f"{NATIVE_PROJECTOR}linear_1.weight"].dtype
     vision = MODEL_MAPPING[type(vcfg)].from_pretrained(tower, config=vcfg, dtype=dtype)
     vision_state = vision.state_dict()
+    if own_vision:
+        logger.info("the checkpoint holds its own vision tower (%d tensors): used instead of %s's",
+                    len(own_vision), tower)
     for k, v in own_vision.items():
-        if k not in vision_state:
+        native = _native_vision_key(k, vision_state)
+        if native is None:
+            if k.endswith(VISION_CONSTANT_BUFFERS):
+                continue  # a constant (position ids), not a weight
             raise ConversionError(f"{model_path}: vision weight {ORIGINAL_VISION}{k} does not fit {tower}")
-        vision_state[k] = v
+        if vision_state[native].shape != v.shape:
+            raise ConversionError(f"{model_path}: vision weight {ORIGINAL_VISION}{k} has shape {tuple(v.shape)}, "
+                                  f"{tower}'s {tuple(vision_state[native].shape)}")
+        vision_state[native] = v
     state.update({NATIVE_VISION + k: v for k, v in vision_state.items()})
 
     embed = NATIVE_LM + "embed_tokens.weight"
@@ -202,6 +233,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
                                                                cfg.get("image_aspect_ratio") or "square"),
                                 vcfg, strategy, tokenizer.chat_template)
     processor.save_pretrained(save_path)
+    keep_sentencepiece_model(tokenizer, save_path)
     gen_path = os.path.join(model_path, "generation_config.json")
     gen = GenerationConfig.from_pretrained(model_path) if os.path.isfile(gen_path) else GenerationConfig()
     set_generation_stop(gen, tokenizer, template)
@@ -258,6 +290,7 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     else:  # kept (harmless: the original splits prompts on "<image>" before tokenizing)
         tokenizer.save_pretrained(save_path)
         vocab = len(tokenizer)
+    _write_original_tokenizer_config(model_path, save_path, tokenizer, vocab)
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         if k in state:
             state[k] = state[k][:vocab].clone()
@@ -266,7 +299,7 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     vision = model.model.vision_tower
     if vision_tower is None:
         vision_tower = os.path.abspath(os.path.join(save_path, "vision_tower"))
-        vision.save_pretrained(vision_tower)
+        _save_original_vision_tower(vision, vision_tower)
         ip = {k: v for k, v in processor.image_processor.to_dict().items()
               if k in ("crop_size", "do_center_crop", "do_normalize", "do_rescale", "do_resize", "do_convert_rgb",
                        "image_mean", "image_std", "resample", "rescale_factor", "size")}
@@ -274,10 +307,7 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
         logger.info("vision tower saved to %s (mm_vision_tower points there)", vision_tower)
 
     original_type, arch = TEXT_TO_ORIGINAL[text_type]
-    text = model.config.text_config.to_dict()
-    for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
-              "output_attentions", "output_hidden_states", "return_dict", "use_return_dict"):
-        text.pop(k, None)
+    text = _original_text_config(model.config.text_config)
     do_pad = bool(getattr(processor.image_processor, "do_pad", False))
     out_cfg = {
         "architectures": [arch], "model_type": original_type, **text,
@@ -302,6 +332,79 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     gen.save_pretrained(save_path)
     logger.info("converted %s → %s (original layout)", model_path, save_path)
     return save_path
+
+
+def _original_text_config(text_config) -> dict:
+    """The language model's config as transformers 4.x (the original's pin) reads it: ``rope_theta`` and
+    ``rope_scaling`` instead of 5.x's ``rope_parameters``."""
+    text = text_config.to_dict()
+    for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+              "output_attentions", "output_hidden_states", "return_dict", "use_return_dict"):
+        text.pop(k, None)
+    rope = dict(text.pop("rope_parameters", None) or {})
+    if "rope_theta" in rope:
+        text["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    text["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, "rope_type": rope_type, **rope}
+    return text
+
+
+def _save_original_vision_tower(vision, directory: str) -> None:
+    """The tower as transformers 4.x saves a ``CLIPVisionModel``: ``vision_model.``-prefixed weight names
+    (the original loads it with ``CLIPVisionModel.from_pretrained``) and a config with ``torch_dtype``."""
+    os.makedirs(directory, exist_ok=True)
+    state = {}
+    for k, v in vision.state_dict().items():
+        state[k if k.startswith(VISION_MODEL_LEVEL) else VISION_MODEL_LEVEL + k] = v
+    write_weights(state, directory)
+    cfg = vision.config.to_dict()
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    cfg.pop("dtype", None)
+    cfg["architectures"] = [type(vision).__name__]
+    _write_json(os.path.join(directory, "config.json"), cfg)
+
+
+#: tokenizer_config.json keys that transformers 4.x's LlamaTokenizer / PreTrainedTokenizerFast read
+ORIGINAL_TOKENIZER_KEYS = ("add_bos_token", "add_eos_token", "bos_token", "eos_token", "unk_token", "pad_token",
+                           "model_max_length", "padding_side", "clean_up_tokenization_spaces", "legacy",
+                           "sp_model_kwargs", "added_tokens_decoder")
+
+
+def _write_original_tokenizer_config(model_path: str, save_path: str, tokenizer, vocab: int) -> None:
+    """A tokenizer the original loader (transformers 4.37, ``use_fast=False``) reads: with the model's
+    sentencepiece ``tokenizer.model`` a ``LlamaTokenizer``, as Vicuna's and the original's checkpoints ship it;
+    without one a ``PreTrainedTokenizerFast`` on ``tokenizer.json``."""
+    import shutil
+
+    from llavakit.data.tokenize import tokenizer_adds_bos
+    from llavakit.model.processing import sentencepiece_model_of
+
+    sp_model = sentencepiece_model_of(tokenizer, model_path)
+    tc_path = os.path.join(save_path, "tokenizer_config.json")
+    saved = _read_json(tc_path) if os.path.isfile(tc_path) else {}
+    cfg = {k: saved[k] for k in ORIGINAL_TOKENIZER_KEYS if k in saved}
+    cfg.setdefault("add_bos_token", tokenizer_adds_bos(tokenizer))
+    cfg.setdefault("add_eos_token", False)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        cfg[name] = getattr(tokenizer, name)
+    # tokens added after the base vocabulary (a pad token, say), which a sentencepiece model does not hold
+    added = {i: t for t, i in tokenizer.get_added_vocab().items() if i < vocab}
+    if added:
+        cfg["added_tokens_decoder"] = {str(i): {"content": t, "lstrip": False, "normalized": False,
+                                                "rstrip": False, "single_word": False,
+                                                "special": t in tokenizer.all_special_tokens}
+                                       for i, t in sorted(added.items())}
+    if sp_model:
+        shutil.copyfile(sp_model, os.path.join(save_path, "tokenizer.model"))
+        cfg.update(tokenizer_class="LlamaTokenizer", legacy=False)
+        cfg.setdefault("sp_model_kwargs", {})
+    else:
+        logger.warning("%s has no sentencepiece tokenizer.model: the original loader will read tokenizer.json "
+                       "as a PreTrainedTokenizerFast", model_path)
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(tc_path, cfg)
+    _write_json(os.path.join(save_path, "special_tokens_map.json"),
+                {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)})
 
 
 def _read_json(path: str):

@@ -141,5 +141,8 @@ def save_llava(model, processor, out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     make_savable(model.generation_config)
+    from llavakit.model.processing import keep_sentencepiece_model
+
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    keep_sentencepiece_model(processor.tokenizer, out)

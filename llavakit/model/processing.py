@@ -6,7 +6,10 @@ Used by the final save of a run, by merging, by conversion and by every inferenc
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 
 from llavakit import IMAGE_PLACEHOLDER
 
@@ -27,18 +30,36 @@ def image_processor_for(image_processor, aspect_ratio: str):
 
 
 def chat_template_for(template, tokenizer) -> str:
-    """The Jinja chat template saved with a model: renders as ``template`` does, with the separator after
-    each image that makes plain transformers' one-piece tokenization give training's ids."""
-    from llavakit.data.tokenize import image_text_separator, separates
+    """The Jinja chat template saved with a model: renders as ``template`` does and then writes, after each
+    image that text follows, the separator that makes plain transformers' one-piece tokenization give the
+    ids of training's chunk-wise tokenization (for a Vicuna tokenizer a space; for byte-level BPE nothing,
+    and the template is saved as it is).
 
+    Rendering it with ``llavakit_image_sep=False`` gives the text training tokenized (llavakit's inference
+    does, and tokenizes chunk-wise)."""
+    from llavakit.data.tokenize import image_text_separator
+
+    jinja = template.to_jinja()
     sep = image_text_separator(tokenizer)
     if sep is None:
-        logger.warning("this tokenizer tokenizes text after an image differently in one piece than chunk by "
-                       "chunk, whatever follows the image: tokenize prompts split at <image> (llavakit's "
-                       "inference does) to get the ids training used")
-        sep = ""
-    at_end = bool(sep) and separates(tokenizer, sep, template.text_after_user())
-    return template.to_jinja(sep, at_end)
+        logger.warning("this tokenizer tokenizes the text after an image differently in one piece than on its "
+                       "own, whatever comes between: tokenize prompts split at <image> (llavakit's inference "
+                       "does) to get the ids training used")
+        return jinja
+    if not sep.text and not sep.before_space:
+        return jinja
+    specials = sorted({t for t in tokenizer.all_special_tokens} |
+                      {t for t, i in tokenizer.get_added_vocab().items()
+                       if getattr(tokenizer.added_tokens_decoder.get(i), "special", False)})
+    specials_tuple = "(" + "".join(json.dumps(t) + ", " for t in specials) + ")"
+    return (
+        "{% set llavakit_rendered %}" + jinja + "{% endset %}"
+        "{% if llavakit_image_sep is defined and not llavakit_image_sep %}{{ llavakit_rendered }}{% else %}"
+        "{% for piece in llavakit_rendered.split('<image>') %}{% if not loop.first %}{{ '<image>' }}"
+        "{% if piece and not piece.startswith(" + specials_tuple + ") %}"
+        "{% if piece.startswith(' ') %}{{ " + json.dumps(sep.before_space) + " }}"
+        "{% else %}{{ " + json.dumps(sep.text) + " }}{% endif %}{% endif %}{% endif %}{{ piece }}{% endfor %}"
+        "{% endif %}")
 
 
 def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None):
@@ -65,3 +86,22 @@ def set_generation_stop(gc, tokenizer, template) -> None:
         gc.eos_token_id = ids if len(ids) > 1 else ids[0]
     gc.pad_token_id = tokenizer.pad_token_id
     gc.bos_token_id = tokenizer.bos_token_id
+
+
+def sentencepiece_model_of(tokenizer, directory: str | None = None) -> str | None:
+    """The sentencepiece ``tokenizer.model`` a tokenizer was read from (or that ``directory`` holds)."""
+    for path in (getattr(tokenizer, "vocab_file", None),
+                 os.path.join(directory, "tokenizer.model") if directory else None):
+        if path and str(path).endswith(".model") and os.path.isfile(path):
+            return str(path)
+    return None
+
+
+def keep_sentencepiece_model(tokenizer, out: str) -> None:
+    """Copy the sentencepiece model a tokenizer was read from beside the ``tokenizer.json`` that
+    ``save_pretrained`` wrote (transformers 5 writes no ``tokenizer.model``): the original's loader and
+    ``convert to-original`` need it. ``tokenizer.json`` still takes precedence when loading."""
+    src = sentencepiece_model_of(tokenizer)
+    dst = os.path.join(out, "tokenizer.model")
+    if src and os.path.abspath(src) != os.path.abspath(dst):
+        shutil.copyfile(src, dst)

@@ -12,7 +12,13 @@ from __future__ import annotations
 import logging
 import os
 
-from llavakit.model.processing import build_processor, chat_template_for, image_processor_for, set_generation_stop
+from llavakit.model.processing import (
+    build_processor,
+    chat_template_for,
+    image_processor_for,
+    keep_sentencepiece_model,
+    set_generation_stop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +34,7 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
         trainer.save_model(out)  # projector + config (see LlavaTrainer._save)
         if train_args.should_save:
             tokenizer.save_pretrained(out)
+            keep_sentencepiece_model(tokenizer, out)
         return
     is_lora = hasattr(trainer.model, "peft_config")
     if not is_lora:  # the saved config is for inference
@@ -42,7 +49,9 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
             from llavakit.model.lora import write_base_record
 
             processor.save_pretrained(out)
+            keep_sentencepiece_model(tokenizer, out)
             write_base_record(out, model_args)
             return
         processor.save_pretrained(out)
+        keep_sentencepiece_model(tokenizer, out)
         logger.info("final model written to %s", os.path.abspath(out))
