@@ -302,7 +302,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def _tokenizer_problem(name_or_path: str, error: BaseException) -> str:
-    import importlib.util
     import os
 
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -311,10 +310,18 @@ def _tokenizer_problem(name_or_path: str, error: BaseException) -> str:
             return f"{name_or_path}: no such tokenizer directory"
         return f"{name_or_path}: cannot load its tokenizer from the hub or the local cache ({first_line})"
     files = set(os.listdir(name_or_path))
-    if "tokenizer.json" not in files and "tokenizer.model" in files and importlib.util.find_spec("sentencepiece") is None:
+    if "tokenizer.json" not in files and "tokenizer.model" in files and not _has_sentencepiece():
         return (f"{name_or_path}: its tokenizer is a sentencepiece tokenizer.model (no tokenizer.json); reading it "
                 "needs the sentencepiece package: pip install sentencepiece protobuf")
     if not files & {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}:
         return (f"{name_or_path}: no tokenizer files (tokenizer.json, or tokenizer.model with "
                 "tokenizer_config.json)")
     return f"{name_or_path}: cannot load its tokenizer ({first_line})"
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True

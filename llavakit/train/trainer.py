@@ -26,7 +26,7 @@ from transformers.trainer_utils import seed_worker
 
 from llavakit.data.collate import scored_logits_kwargs, varlen_kwargs
 from llavakit.data.sampler import LengthGroupedBatchSampler
-from llavakit.model.build import uses_varlen_attention
+from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
 from llavakit.train.graph import add_dummy_image
@@ -75,7 +75,9 @@ class LlavaTrainer(Trainer):
         self.llava = base
         cfg = base.config
         vcfg = cfg.vision_config
-        self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": cfg.image_seq_length,
+        # the tower's own count (a config's image_seq_length may be absent and default to 576)
+        n_image = num_image_tokens_for(vcfg, cfg.vision_feature_select_strategy)
+        self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": n_image,
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
         # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
