@@ -26,7 +26,8 @@ def _encoder(args):
     tok = load_tokenizer(args.tokenizer)
     prepare_tokenizer(tok, mm_use_im_start_end=args.mm_use_im_start_end)  # as training prepares it
     return ConversationEncoder(tok, get_template(args.version, tok), args.num_image_tokens,
-                               mm_use_im_start_end=args.mm_use_im_start_end)
+                               mm_use_im_start_end=args.mm_use_im_start_end,
+                               max_length=getattr(args, "model_max_length", None))
 
 
 def cmd_data_preview(args) -> int:
@@ -270,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate on the LLaVA-1.5 benchmarks").add_subparsers(dest="eval_cmd",
                                                                                           required=True)
+    from llavakit.eval.score import BENCHMARKS
+
     p = ev.add_parser("score", help="score an answers file with LLaVA-1.5's rules")
-    p.add_argument("--benchmark", required=True)
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS, metavar="{" + ",".join(BENCHMARKS) + "}")
     _opt(p, "answers-file", required=True, nargs="+",
          help="the answers file (llava-bench: one or more GPT review files)")
     _opt(p, "question-file", default=None)
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "allow-local-files", action="store_true", help="accept image_url paths and file:// URLs")
     _opt(p, "allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     _opt(p, "max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    _opt(p, "max-tokens-limit", type=int, default=4096, help="the most max_tokens a request may ask for (400 above)")
+    _opt(p, "max-queued", type=int, default=8,
+         help="requests that may wait while one generates; past that the server answers 503 at once")
     p.set_defaults(func=cmd_serve)
     return parser
 

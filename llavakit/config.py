@@ -174,7 +174,13 @@ def _check_dtype_flags(argv: list[str]) -> list[str]:
 def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse ``llavakit train`` arguments; raises :class:`ConfigError` on contradictions."""
     argv = _check_dtype_flags(normalize_argv(argv))
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = transformers.HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments), prog="llavakit train",
+        usage="llavakit train [RUN.yaml] [--flag value ...]",
+        description="Train a LLaVA (stage 1, stage 2, LoRA) with the original scripts' flags and every "
+                    "transformers TrainingArguments flag. A leading RUN.yaml gives flags as keys; flags on the "
+                    "command line override it.",
+        epilog="Older spellings accepted: " + ", ".join(f"{old} (= {new})" for old, new in LEGACY_FLAGS.items()))
     try:
         model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True)

@@ -122,6 +122,8 @@ def run_check(data_path: str, image_folder: str | None = None, encoder=None,
         return report
     valid, problems = validate_store(store)
     report = CheckReport(source=store.source, total=len(store), problems=list(problems))
+    if len(store) == 0:
+        report.problems.append(Problem(-1, None, "empty", f"{store.source}: holds no record"))
     images = {}  # each record parsed once: its id and image paths are all the checks need
     for i in valid:
         rec = parse_record(store, i)

@@ -65,6 +65,7 @@ def _cache_key(store: RecordStore, encoder: ConversationEncoder) -> str:
     h.update(encoder.template.name.encode())
     h.update(repr(encoder.image_block[:2] + [len(encoder.image_block)]).encode())
     h.update(str(encoder.add_bos).encode())
+    h.update(str(encoder.char_limit).encode())
     h.update(encoder.tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:32]
 
@@ -77,8 +78,8 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
                    cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Encode every valid record once: full length, image-block end, first supervised position.
 
-    ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established (their
-    message is in ``errors``). Cached under ``cache_dir`` keyed by the file, tokenizer and template.
+    ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established, 2 for
+    records whose text is too long to tokenize (their message is in ``errors``). Cached under ``cache_dir`` keyed by the file, tokenizer and template.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(store, encoder)
@@ -115,6 +116,10 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
             status[k] = 1
             errors.append(f"{k}\t{e}")
             continue
+        except SampleTooLong as e:  # text too long to be worth tokenizing
+            status[k] = 2
+            errors.append(f"{k}\t{e}")
+            continue
         full[k], image_end[k], first_sup[k] = len(enc), enc.image_end, enc.first_supervised
     data = {"record_idx": valid_arr, "full": full, "image_end": image_end, "first_sup": first_sup,
             "has_image": has_image, "status": status, "errors": np.asarray(errors, dtype=str)}
@@ -139,7 +144,8 @@ def build_sample_index(store: RecordStore, valid: list[int], encoder: Conversati
         rid = str(store.raw(ridx).get("id", ridx))
         where = f"{store.source}: record {ridx} (id={rid!r})"
         if data["status"][k]:
-            skipped.append({"index": ridx, "id": rid, "kind": "no_supervision",
+            kind = "too_long" if data["status"][k] == 2 else "no_supervision"
+            skipped.append({"index": ridx, "id": rid, "kind": kind,
                             "message": f"{where}: {errors.get(k, 'supervision cannot be established')}"})
             continue
         full = int(data["full"][k])

@@ -29,22 +29,61 @@ class DownloadError(RuntimeError):
     pass
 
 
+#: what a download URL may be: the web, or a file of a hub repository. Not file:// — a manifest is often
+#: someone else's, and copying local files into the data root is not a download's business
+URL_SCHEMES = ("http://", "https://", "hub://")
+
+
 @dataclass
 class FileSpec:
     url: str  # http(s)://... or hub://{datasets|models}/OWNER/NAME/PATH/IN/REPO
-    path: str  # where it lands, relative to the root (or absolute)
+    path: str  # where it lands, relative to the root (to the working directory for base "cwd")
     sha256: str | None = None
     size: int | None = None
     unpack: str | None = None  # unpack the archive into this folder (relative to the root) when present
+    #: "root" (every manifest entry) or "cwd" (the built-in projector sets, which land in ./checkpoints)
+    base: str = "root"
+    #: where the entry comes from, for messages (a manifest's file and entry)
+    origin: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str, i: int) -> FileSpec:
+        where = f"{source}: files[{i}]"
         if not isinstance(d, dict) or not isinstance(d.get("url"), str) or not isinstance(d.get("path"), str):
-            raise ValueError(f"{source}: files[{i}] needs 'url' and 'path' strings")
+            raise ValueError(f"{where} needs 'url' and 'path' strings")
         unknown = set(d) - {"url", "path", "sha256", "size", "unpack"}
         if unknown:
-            raise ValueError(f"{source}: files[{i}] has unknown keys {sorted(unknown)}")
-        return cls(d["url"], d["path"], d.get("sha256"), d.get("size"), d.get("unpack"))
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+        if d.get("unpack") is not None and not isinstance(d["unpack"], str):
+            raise ValueError(f"{where}: 'unpack' is the folder (under --root) to unpack the archive into, a string; "
+                             f"got {d['unpack']!r}")
+        if d.get("sha256") is not None and not isinstance(d["sha256"], str):
+            raise ValueError(f"{where}: 'sha256' must be a hex string")
+        if d.get("size") is not None and (not isinstance(d["size"], int) or isinstance(d["size"], bool)
+                                          or d["size"] < 0):
+            raise ValueError(f"{where}: 'size' must be a byte count")
+        if not d["url"].startswith(URL_SCHEMES):
+            raise ValueError(f"{where}: url {d['url']!r}: only {', '.join(URL_SCHEMES)} URLs are downloaded")
+        return cls(d["url"], d["path"], d.get("sha256"), d.get("size"), d.get("unpack"), origin=where)
+
+
+def _inside(base: str, relative: str, what: str) -> str:
+    """``base/relative``, refused when it is absolute or would leave ``base`` (``..``, a link out)."""
+    if not relative or os.path.isabs(relative) or relative.startswith("~"):
+        raise ValueError(f"{what} {relative!r} must be a relative path inside {base}")
+    target = os.path.join(base, relative)
+    real_base = os.path.realpath(base)
+    if os.path.commonpath([real_base, os.path.realpath(target)]) != real_base:
+        raise ValueError(f"{what} {relative!r} leaves {base}; every file a download writes stays inside it")
+    return os.path.normpath(target)
+
+
+def check_specs(specs: list[FileSpec], root: str) -> None:
+    """Every destination and unpack folder stays inside its base — checked for all before anything is fetched."""
+    for s in specs:
+        destination(s, root)
+        if s.unpack is not None:
+            _inside(root, s.unpack, f"{s.origin or s.url}: unpack folder")
 
 
 def read_manifest(path: str) -> list[FileSpec]:
@@ -82,10 +121,12 @@ NAMED_SETS: dict[str, list[FileSpec]] = {
            FileSpec("https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip", "downloads/vg_images2.zip",
                     unpack="vg")],
     "projector-7b": [FileSpec("hub://models/liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin",
-                              "./checkpoints/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin")],
+                              "checkpoints/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin",
+                              base="cwd")],
     "projector-13b": [FileSpec("hub://models/liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-13b-v1.5/"
                                "mm_projector.bin",
-                               "./checkpoints/llava-v1.5-mlp2x-336px-pretrain-vicuna-13b-v1.5/mm_projector.bin")],
+                               "checkpoints/llava-v1.5-mlp2x-336px-pretrain-vicuna-13b-v1.5/mm_projector.bin",
+                               base="cwd")],
 }
 #: OCR-VQA's images come from the URLs in its dataset.json (``--ocrvqa-json``), not from an archive
 ALL_FINETUNE = ("instruct", "coco", "gqa", "ocrvqa", "textvqa", "vg")
@@ -104,10 +145,10 @@ def expand_sets(names: list[str]) -> list[str]:
 
 
 def destination(spec: FileSpec, root: str) -> str:
-    """Set files land under ``root``; paths starting with ``./`` (checkpoints) are relative to the cwd."""
-    if os.path.isabs(spec.path) or spec.path.startswith("./"):
-        return os.path.normpath(spec.path)
-    return os.path.join(root, spec.path)
+    """Where a file lands: under ``root`` (the projector sets: under the working directory, in
+    ``checkpoints/``); a path that would leave it is a ValueError."""
+    base = "." if spec.base == "cwd" else root
+    return _inside(base, spec.path, f"{spec.origin or spec.url}: path")
 
 
 def resolve(url: str) -> tuple[str, dict]:
@@ -248,6 +289,7 @@ def _fetch(url: str, part: str, headers: dict, timeout: float, progress: bool, n
 
 # ---- sets and manifests -------------------------------------------------------------------------
 def plan(specs: list[FileSpec], root: str) -> list[dict]:
+    check_specs(specs, root)
     rows = []
     for s in specs:
         dest = destination(s, root)
@@ -261,6 +303,7 @@ def fetch_all(specs: list[FileSpec], root: str, *, progress: bool = True, retrie
               backoff: float = 2.0) -> list[str]:
     from llavakit.data.unpack import unpack
 
+    check_specs(specs, root)
     done = []
     for s in specs:
         url, headers = resolve(s.url)

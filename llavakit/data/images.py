@@ -16,11 +16,12 @@ All parameters come from the vision tower's own image-processor config (size, cr
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 BICUBIC = 3
@@ -29,6 +30,26 @@ SEPARABLE = (1, 2, 3, 4, 5)  # Pillow's LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 class ImageLoadError(OSError):
     """An image is missing or cannot be decoded."""
+
+
+#: one pixel limit for every image llavakit opens (data check, training, chat, predict, serve, eval);
+#: ``LLAVAKIT_MAX_IMAGE_PIXELS`` changes it. Checked from the header, before any pixel is decoded.
+#: Pillow itself refuses images over twice its own limit (~179 million pixels) whatever this says.
+MAX_PIXELS_ENV = "LLAVAKIT_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: give a whole number of pixels") from None
+    if limit <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: give a positive number of pixels")
+    return limit
 
 
 def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
@@ -44,15 +65,27 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
         if not os.path.exists(source):
             raise ImageLoadError(f"{source}: image file not found")
     path = name or "image"
+    limit = max_image_pixels()
     try:
-        with Image.open(source) as im:
+        with warnings.catch_warnings():  # the pixel limit below says it in one sentence
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_cm = Image.open(source)
+        with im_cm as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageLoadError(f"{path}: {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+                                     f"({MAX_PIXELS_ENV} changes it); not decoded")
             im.seek(0)
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             return to_rgb(im)
     except ImageLoadError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{path}: over Pillow's own pixel limit ({e}); not decoded") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image in a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageLoadError(f"{path}: cannot decode image: {e}") from None
 
 

@@ -174,14 +174,31 @@ class PromptEncoder:
         return ids
 
 
+#: a text longer than this many times what ``model_max_length`` tokens can cover is not tokenized at all
+TEXT_LIMIT_FACTOR = 4
+
+
 class ConversationEncoder(PromptEncoder):
-    """Turns a :class:`Record` into input ids and labels for one template and one vision tower."""
+    """Turns a :class:`Record` into input ids and labels for one template and one vision tower.
+
+    A conversation whose text is longer than ``TEXT_LIMIT_FACTOR`` × ``max_length`` (default: the
+    tokenizer's stated limit, else 4096) × the longest token (in characters) is a :class:`SampleTooLong`
+    before any tokenization: it holds more than ``max_length`` tokens whatever they are, and tokenizing
+    megabytes of text costs gigabytes of memory.
+    """
 
     def __init__(self, tokenizer, template: Template, num_image_tokens: int,
-                 image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False):
+                 image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False,
+                 max_length: int | None = None):
         super().__init__(tokenizer, num_image_tokens, image_token, mm_use_im_start_end)
         self.template = template
         self._check_stop_token()
+        if max_length is None:  # the tokenizer's own limit, when it states a real one
+            stated = getattr(tokenizer, "model_max_length", None) or 0
+            max_length = int(stated) if 0 < stated <= 1_000_000 else 4096
+        self.max_length = max_length
+        longest = max(len(t) for t in tokenizer.get_vocab())
+        self.char_limit = TEXT_LIMIT_FACTOR * max_length * longest
 
     def _check_stop_token(self) -> None:
         stop = self.template.stop_str
@@ -200,6 +217,9 @@ class ConversationEncoder(PromptEncoder):
     def encode(self, record: Record) -> Encoded:
         segments = self.render(record)
         prompt = "".join(s.text for s in segments)
+        if len(prompt) > self.char_limit:
+            raise SampleTooLong(f"{len(prompt):,} characters of text, far more than {self.max_length} tokens "
+                                "(--model_max_length) can hold; not tokenized")
         sup = np.zeros(len(prompt) + 1, dtype=bool)
         seg_bounds: list[tuple[int, int]] = []
         pos = 0

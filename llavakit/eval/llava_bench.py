@@ -45,8 +45,13 @@ def parse_scores(review: str) -> list[float]:
 def relative_scores(review_file: str) -> dict:
     """One review run: relative score overall and per category (and the two means ×10)."""
     per: dict[str, list] = defaultdict(list)
-    for r in read_jsonl(review_file):
+    for lineno, r in enumerate(read_jsonl(review_file, kind="a GPT review file"), 1):
+        if "tuple" not in r and "content" not in r:
+            raise ValueError(f"{review_file}: line {lineno} has neither 'tuple' nor 'content': not a GPT review "
+                             "file (llava-bench scores the reviews `eval run --judge-model` writes, not answers)")
         pair = r.get("tuple") or parse_scores(r.get("content", ""))
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)):
+            raise ValueError(f"{review_file}: line {lineno}: 'tuple' must be two scores, got {pair!r}")
         if "category" in r:
             per[r["category"]].append(pair)
         per["all"].append(pair)

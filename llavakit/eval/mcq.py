@@ -14,17 +14,18 @@ import os
 import re
 from collections import defaultdict
 
-from llavakit.eval.answers import read_jsonl
+from llavakit.eval.answers import answers_by_id, read_answers, read_json, read_jsonl
 from llavakit.eval.mmbench import parse_choice
 
 
 def score_seed(answers_file: str, annotations: str) -> dict:
     """``annotations``: ``SEED-Bench.json`` (``questions`` with ``question_id``, ``answer``, ``data_type``,
     ``question_type_id``; ``question_type`` names the types)."""
-    with open(annotations, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(annotations, "SEED-Bench.json")
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise ValueError(f"{annotations}: not SEED-Bench.json (no 'questions' list)")
     type_names = {v: k for k, v in data.get("question_type", {}).items()}
-    answers = {str(a["question_id"]): a for a in read_jsonl(answers_file)}
+    answers = answers_by_id(answers_file, whole=True)
     per: dict[str, list[bool]] = defaultdict(list)
     missing = 0
     for q in data["questions"]:
@@ -44,7 +45,7 @@ def score_seed(answers_file: str, annotations: str) -> dict:
 
 
 def mmvet_submission(answers_file: str, out_path: str) -> int:
-    rows = {f"v1_{a['question_id']}": a["text"] for a in read_jsonl(answers_file)}
+    rows = {f"v1_{a['question_id']}": a["text"] for a in read_answers(answers_file)}
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     return len(rows)
@@ -68,9 +69,8 @@ def parse_grade(text: str) -> float | None:
 def judge_mmvet(answers_file: str, annotations: str, review_file: str, client) -> dict:
     """Grade every answer (resumable, one line per question) and return the mean ×100 and per capability.
     ``annotations``: MM-Vet's ``mm-vet.json`` (``v1_<id>`` → question, answer, capability)."""
-    with open(annotations, encoding="utf-8") as f:
-        truth = json.load(f)
-    answers = {f"v1_{a['question_id']}": a["text"] for a in read_jsonl(answers_file)}
+    truth = read_json(annotations, "mm-vet.json")
+    answers = {f"v1_{a['question_id']}": a["text"] for a in read_answers(answers_file)}
     done = {r["id"]: r for r in read_jsonl(review_file)} if os.path.isfile(review_file) else {}
     with open(review_file, "a", encoding="utf-8") as f:
         for key, t in truth.items():

@@ -14,7 +14,7 @@ import re
 import sys
 from collections import defaultdict
 
-from llavakit.eval.answers import read_jsonl
+from llavakit.eval.answers import answers_by_id
 
 LETTERS = ("A", "B", "C", "D", "E", "F")
 CIRCULAR = 1_000_000
@@ -74,7 +74,7 @@ def score(answers_file: str, annotations: str) -> dict:
     if not rows or "answer" not in rows[0] or "index" not in rows[0]:
         raise ValueError(f"{annotations}: needs 'index' and 'answer' columns (the dev split's TSV or a "
                          "submission .xlsx with the ground truth)")
-    answers = {int(a["question_id"]): a for a in read_jsonl(answers_file)}
+    answers = answers_by_id(answers_file, whole=True)
     groups: dict[int, list[bool]] = defaultdict(list)
     categories: dict[int, str] = {}
     missing = []

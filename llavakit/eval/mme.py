@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from llavakit.eval.answers import read_jsonl
+from llavakit.eval.answers import read_answers
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -33,7 +33,7 @@ def _question_key(q: str) -> str:
 def score(answers_file: str, annotations: str) -> dict:
     """``annotations``: the folder of ground-truth ``<subtask>.txt`` files (image, question, answer)."""
     preds: dict[tuple[str, str, str], str] = {}
-    for a in read_jsonl(answers_file):
+    for a in read_answers(answers_file):
         qid = str(a["question_id"])
         subtask, image = qid.split("/")[0], qid.split("/")[-1]
         preds[(subtask, image, _question_key(a.get("prompt", "")))] = a["text"]

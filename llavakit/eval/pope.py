@@ -36,11 +36,13 @@ def split_metrics(predictions: list[str], labels: list[str]) -> dict:
 def score(answers_file: str, question_file: str, annotations: str) -> dict:
     """``annotations``: the folder holding ``coco_pope_{adversarial,popular,random}.json``."""
     answers = answers_by_id(answers_file)
-    questions = read_jsonl(question_file)
+    questions = read_jsonl(question_file, ("question_id", "category"), "POPE's question file")
     per_split = {}
     for split in SPLITS:
         label_file = os.path.join(annotations, f"coco_pope_{split}.json")
-        labels = [x["label"] for x in read_jsonl(label_file)]
+        if not os.path.isdir(annotations):
+            raise ValueError(f"--annotations {annotations}: the folder holding coco_pope_<split>.json")
+        labels = [x["label"] for x in read_jsonl(label_file, ("label",), "a POPE label file")]
         qs = [q for q in questions if q.get("category") == split]
         if len(qs) != len(labels):
             raise ValueError(f"{label_file}: {len(labels)} labels for {len(qs)} '{split}' questions in "

@@ -6,10 +6,9 @@ An answer counts as letter X when the whole text is X, or it starts with "X. ", 
 
 from __future__ import annotations
 
-import json
 import re
 
-from llavakit.eval.answers import answers_by_id
+from llavakit.eval.answers import answers_by_id, read_json
 
 OPTIONS = ("A", "B", "C", "D", "E")
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
@@ -26,8 +25,9 @@ def parse_letter(text: str) -> str | None:
 
 def score(answers_file: str, question_file: str) -> dict:
     """``question_file``: the LLaVA-format problem file (the gpt turn is the correct letter)."""
-    with open(question_file, encoding="utf-8") as f:
-        problems = json.load(f)
+    problems = read_json(question_file, "ScienceQA problem file")
+    if not isinstance(problems, list):
+        raise ValueError(f"{question_file}: not LLaVA's ScienceQA problem file (a JSON list of records)")
     answers = answers_by_id(answers_file)
     right = {"all": 0, "img": 0}
     total = {"all": 0, "img": 0}

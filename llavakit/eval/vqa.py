@@ -16,7 +16,7 @@ import json
 import re
 from collections import Counter
 
-from llavakit.eval.answers import read_jsonl
+from llavakit.eval.answers import answers_by_id, read_json, read_jsonl
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -102,15 +102,11 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
 
 
 def _answers(answers_file: str) -> dict:
-    return {a["question_id"]: a for a in read_jsonl(answers_file)}
+    return answers_by_id(answers_file, whole=True)
 
 
 def _load_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+    return read_json(path, "annotation file")
 
 
 # ---- TextVQA ------------------------------------------------------------------------------------

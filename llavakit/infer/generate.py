@@ -8,8 +8,9 @@ temperature is given.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,13 +135,15 @@ class Predictor:
     def chat(self, messages: list[dict], images: Sequence = (), sampling: Sampling | None = None) -> str:
         return "".join(self.chat_stream(messages, images, sampling)).strip()
 
-    def chat_stream(self, messages: list[dict], images: Sequence = (), sampling: Sampling | None = None,
-                    usage: dict | None = None) -> Iterator[str]:
-        """Pieces of the answer as they are generated. ``messages`` are chat-template messages whose
-        ``{"type": "image"}`` parts match ``images`` (paths or PIL images) in order. When the stream ends,
-        ``usage`` (if given) holds ``prompt_tokens`` and ``completion_tokens``."""
-        from transformers import TextIteratorStreamer
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
+    def prepare(self, messages: list[dict], images: Sequence = (), sampling: Sampling | None = None
+                ) -> tuple[dict, Sampling]:
+        """Model inputs for a chat and the sampling settings, ``max_new_tokens`` cut to what the model's
+        context has room for; a ValueError when the messages and images do not fit together or the prompt
+        alone fills the context."""
         sampling = sampling or Sampling()
         n_parts = sum(1 for m in messages if not isinstance(m["content"], str)
                       for p in m["content"] if p.get("type") == "image")
@@ -148,13 +151,35 @@ class Predictor:
             raise ValueError(f"the messages have {n_parts} image part(s) but {len(images)} image(s) were given")
         pil = [open_image(im) if isinstance(im, str) else im for im in images] or None
         inputs = self._inputs([self.render(messages)], pil)
+        n, context = inputs["input_ids"].shape[1], self.context_length
+        if context:
+            if n >= context:
+                raise ValueError(f"the prompt holds {n} tokens; the model's context is {context}")
+            if n + sampling.max_new_tokens > context:
+                sampling = dataclasses.replace(sampling, max_new_tokens=context - n)
+        return inputs, sampling
+
+    def chat_stream(self, messages: list[dict], images: Sequence = (), sampling: Sampling | None = None,
+                    usage: dict | None = None) -> Iterator[str]:
+        """Pieces of the answer as they are generated. ``messages`` are chat-template messages whose
+        ``{"type": "image"}`` parts match ``images`` (paths or PIL images) in order. When the stream ends,
+        ``usage`` (if given) holds ``prompt_tokens`` and ``completion_tokens``."""
+        return self.stream(*self.prepare(messages, images, sampling), usage=usage)
+
+    def stream(self, inputs: dict, sampling: Sampling, usage: dict | None = None,
+               stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Generate from :meth:`prepare`'s inputs, piece by piece; ``stop`` (checked at every new token)
+        ends the generation early — a server's client that went away."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        extra = {"stopping_criteria": StoppingCriteriaList([_StopWhen(stop)])} if stop is not None else {}
 
         def work():
             try:
                 with self._lock, torch.no_grad():
-                    out = self.model.generate(**inputs, **sampling.kwargs(), streamer=streamer)
+                    out = self.model.generate(**inputs, **sampling.kwargs(), streamer=streamer, **extra)
                 if usage is not None:
                     n = inputs["input_ids"].shape[1]
                     usage.update(prompt_tokens=n, completion_tokens=out.shape[1] - n)
@@ -168,6 +193,16 @@ class Predictor:
         thread.join()
         if errors:
             raise errors[0]
+
+
+class _StopWhen:
+    """A generation stopping criterion from a plain callable."""
+
+    def __init__(self, fn: Callable[[], bool]):
+        self.fn = fn
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.fn()), dtype=torch.bool, device=input_ids.device)
 
 
 def user_message(text: str, num_images: int = 0) -> dict:

@@ -6,7 +6,13 @@
 
 Images: ``data:image/...;base64,`` URLs always; local files (a path or ``file://``) only with
 ``--allow-local-files``; ``http(s)://`` only with ``--allow-remote-images`` — by default the server fetches
-nothing. It listens on 127.0.0.1 unless ``--host`` says otherwise. One generation runs at a time.
+nothing. It listens on 127.0.0.1 unless ``--host`` says otherwise.
+
+Limits: one generation runs at a time and at most ``--max-queued`` more wait; a request past that gets 503
+at once (with ``Retry-After``). ``max_tokens`` above ``--max-tokens-limit`` is a 400, and generation stops
+where the model's context ends; a generation stops as soon as its client disconnects, so a client that goes
+away frees the model for the next request. Request bodies are limited to 64 MiB, fetched images to 32 MiB,
+every image to the project's pixel limit (``LLAVAKIT_MAX_IMAGE_PIXELS``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import io
 import json
 import logging
 import os
+import select
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +50,8 @@ class ServeOptions:
     allow_local_files: bool = False
     allow_remote_images: bool = False
     default_max_tokens: int = 512
+    max_tokens_limit: int = 4096
+    max_queued: int = 8
 
 
 def load_image_url(url: str, opts: ServeOptions):
@@ -97,7 +108,7 @@ def parse_messages(messages, opts: ServeOptions) -> tuple[list[dict], list]:
             raise RequestError(f"messages[{i}]: role must be system, user or assistant", param="messages")
         content = m.get("content")
         if isinstance(content, str):
-            out.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
+            out.append({"role": m["role"], "content": [{"type": "text", "text": _text(content, i)}]})
             continue
         if not isinstance(content, list):
             raise RequestError(f"messages[{i}].content must be a string or a list of parts", param="messages")
@@ -105,7 +116,7 @@ def parse_messages(messages, opts: ServeOptions) -> tuple[list[dict], list]:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                texts.append(str(part.get("text", "")))
+                texts.append(_text(part.get("text", ""), i))
             elif kind == "image_url":
                 if m["role"] != "user":
                     raise RequestError(f"messages[{i}]: only user messages may hold images", param="messages")
@@ -125,6 +136,46 @@ def parse_messages(messages, opts: ServeOptions) -> tuple[list[dict], list]:
     return out, images
 
 
+def _text(text, i: int) -> str:
+    from llavakit import IMAGE_PLACEHOLDER
+
+    if not isinstance(text, str):
+        raise RequestError(f"messages[{i}]: text must be a string", param="messages")
+    if IMAGE_PLACEHOLDER in text:
+        raise RequestError(f"messages[{i}]: the text holds {IMAGE_PLACEHOLDER!r}, which only an image_url part may "
+                           "stand for", param="messages")
+    return text
+
+
+def _client_gone(sock) -> bool:
+    """Whether the peer closed the connection (readable with nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Admission:
+    """One generation at a time, at most ``max_queued`` waiting: whether a request may take its turn."""
+
+    def __init__(self, max_queued: int):
+        self.capacity = 1 + max_queued
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.active >= self.capacity:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
 def sampling_from(body: dict, opts: ServeOptions):
     from llavakit.infer.generate import Sampling
 
@@ -140,6 +191,9 @@ def sampling_from(body: dict, opts: ServeOptions):
     max_tokens = opts.default_max_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError("'max_tokens' must be a positive integer", param="max_tokens")
+    if max_tokens > opts.max_tokens_limit:
+        raise RequestError(f"'max_tokens' {max_tokens} is over this server's limit of {opts.max_tokens_limit} "
+                           "(--max-tokens-limit)", param="max_tokens")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
     return Sampling(max_new_tokens=max_tokens, temperature=float(number("temperature", 0.0, 0, 2)),
@@ -147,23 +201,28 @@ def sampling_from(body: dict, opts: ServeOptions):
 
 
 def make_handler(predictor, opts: ServeOptions):
+    admission = Admission(opts.max_queued)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, fmt, *args):
             logger.info("%s %s", self.address_string(), fmt % args)
 
-        def _json(self, status: int, obj: dict) -> None:
+        def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
-        def _error(self, e: RequestError) -> None:
-            self._json(e.status, {"error": {"message": str(e), "type": "invalid_request_error",
-                                            "param": e.param, "code": None}})
+        def _error(self, e: RequestError, headers: dict | None = None) -> None:
+            kind = "invalid_request_error" if e.status < 500 else "server_error"
+            self._json(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": None}},
+                       headers)
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
@@ -179,7 +238,10 @@ def make_handler(predictor, opts: ServeOptions):
                 self._error(RequestError(f"no route {self.path}", 404))
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    raise RequestError("Content-Length is not a number") from None
                 if length > MAX_BODY:
                     raise RequestError("request body too large", 413)
                 try:
@@ -188,20 +250,46 @@ def make_handler(predictor, opts: ServeOptions):
                     raise RequestError("the request body is not JSON") from None
                 if not isinstance(body, dict):
                     raise RequestError("the request body must be a JSON object")
-                messages, images = parse_messages(body.get("messages"), opts)
                 sampling = sampling_from(body, opts)
+                messages, images = parse_messages(body.get("messages"), opts)
             except RequestError as e:
                 self._error(e)
+                return
+            if not admission.enter():
+                self._error(RequestError(f"busy: a generation is running and {admission.capacity - 1} more are "
+                                         "waiting; retry shortly", 503), {"Retry-After": "1"})
+                return
+            try:
+                self._complete(body, messages, images, sampling)
+            finally:
+                admission.leave()
+
+        def _complete(self, body: dict, messages: list, images: list, sampling) -> None:
+            try:
+                inputs, sampling = predictor.prepare(messages, images, sampling)
+            except ValueError as e:
+                self._error(RequestError(str(e)))
                 return
             rid = "chatcmpl-" + uuid.uuid4().hex
             created = int(time.time())
             usage: dict = {}
-            pieces = predictor.chat_stream(messages, images, sampling, usage)
+            gone = threading.Event()
+            sock = self.connection
+
+            def stop() -> bool:  # checked at every generated token
+                if not gone.is_set() and _client_gone(sock):
+                    logger.info("client went away: generation stopped")
+                    gone.set()
+                return gone.is_set()
+
+            pieces = predictor.stream(inputs, sampling, usage, stop=stop)
             if body.get("stream"):
-                self._stream(rid, created, pieces, usage, sampling)
+                self._stream(rid, created, pieces, usage, sampling, gone)
                 return
             try:
                 text = "".join(pieces).strip()
+                if gone.is_set():
+                    return
             except Exception as e:  # noqa: BLE001 - the client gets the reason, the server keeps serving
                 logger.exception("generation failed")
                 self._json(500, {"error": {"message": f"generation failed: {e}", "type": "server_error",
@@ -214,7 +302,7 @@ def make_handler(predictor, opts: ServeOptions):
                              "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
                                        "total_tokens": n_prompt + n_out}})
 
-        def _stream(self, rid: str, created: int, pieces, usage: dict, sampling) -> None:
+        def _stream(self, rid: str, created: int, pieces, usage: dict, sampling, gone: threading.Event) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -242,6 +330,9 @@ def make_handler(predictor, opts: ServeOptions):
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 logger.info("client went away during a streamed answer")
+                gone.set()
+                for _ in pieces:  # the generation sees `gone` at its next token and ends
+                    pass
             except Exception:  # noqa: BLE001 - headers are sent; end the stream, keep serving
                 logger.exception("generation failed during a streamed answer")
 
@@ -266,7 +357,11 @@ def main(args) -> int:
                                           conv_mode=args.conv_mode)
     opts = ServeOptions(model_id=args.model_id or model_id_for(args.model_path),
                         allow_local_files=args.allow_local_files, allow_remote_images=args.allow_remote_images,
-                        default_max_tokens=args.max_new_tokens)
+                        default_max_tokens=args.max_new_tokens, max_tokens_limit=args.max_tokens_limit,
+                        max_queued=args.max_queued)
+    if opts.default_max_tokens > opts.max_tokens_limit:
+        raise ValueError(f"--max-new-tokens {opts.default_max_tokens} is over --max-tokens-limit "
+                         f"{opts.max_tokens_limit}")
     server = make_server(predictor, opts, args.host, args.port)
     host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):

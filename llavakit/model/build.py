@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +41,34 @@ class Assembled:
     num_image_tokens: int
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A path on this machine rather than a hub repository id (``owner/name``)."""
+    return (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+            or name_or_path.count("/") > 1 or "\\" in name_or_path)
+
+
+def _config_problem(name_or_path: str, error: BaseException, what: str) -> ModelLoadError:
+    if looks_local(name_or_path) and not os.path.isdir(name_or_path):
+        return ModelLoadError(f"{what}{name_or_path}: no such directory")
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        return ModelLoadError(f"{what}{name_or_path}: no config.json in this directory (not a model "
+                              "directory, or an incomplete download)")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ModelLoadError(f"{what}{name_or_path}: cannot read its config.json ({first})")
+
+
 def read_config_dict(name_or_path: str, cache_dir: str | None = None) -> dict:
     from transformers import PretrainedConfig
 
+    if (looks_local(name_or_path) and not os.path.isdir(name_or_path)) or \
+            (os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json"))):
+        raise _config_problem(name_or_path, FileNotFoundError(name_or_path), "")
     try:
         cfg, _ = PretrainedConfig.get_config_dict(name_or_path, cache_dir=cache_dir)
-    except OSError as e:
-        raise ModelLoadError(f"{name_or_path}: cannot read its config.json: {e}") from None
+    except (OSError, ValueError) as e:
+        raise _config_problem(name_or_path, e, "") from None
+    if not cfg:
+        raise _config_problem(name_or_path, ValueError("empty config"), "")
     return cfg
 
 
@@ -85,7 +107,12 @@ def num_image_tokens_for(vision_config, strategy: str) -> int:
 def _vision_config(vision_tower: str, cache_dir: str | None):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(vision_tower, cache_dir=cache_dir)
+    if looks_local(vision_tower) and not os.path.isdir(vision_tower):
+        raise _config_problem(vision_tower, FileNotFoundError(vision_tower), "--vision_tower ")
+    try:
+        cfg = AutoConfig.from_pretrained(vision_tower, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise _config_problem(vision_tower, e, "--vision_tower ") from None
     vcfg = getattr(cfg, "vision_config", cfg)
     if not hasattr(vcfg, "patch_size") or not hasattr(vcfg, "image_size"):
         raise ModelLoadError(f"--vision_tower {vision_tower}: {type(cfg).__name__} is not a ViT-style vision "

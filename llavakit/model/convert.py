@@ -25,6 +25,7 @@ import torch
 
 from llavakit import IMAGE_PLACEHOLDER
 from llavakit.model.build import ModelLoadError, checkpoint_kind, read_config_dict
+from llavakit.model.tensors import load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{directory}: no *.safetensors or pytorch_model*.bin weight files")
     out = {}
     for f in files:
-        out.update(torch.load(f, map_location="cpu", weights_only=True))
+        out.update(load_tensors(f))
     return out
 
 
@@ -111,7 +112,13 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
 
     from llavakit.data.templates import get_template
     from llavakit.data.tokenize import load_tokenizer
-    from llavakit.model.build import _vision_config, has_cls_token, load_image_processor, prepare_tokenizer
+    from llavakit.model.build import (
+        _quiet_loading,
+        _vision_config,
+        has_cls_token,
+        load_image_processor,
+        prepare_tokenizer,
+    )
     from llavakit.model.generation_config import make_savable
     from llavakit.model.processing import (
         build_processor,
@@ -156,7 +163,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
 
     try:
         vcfg = _vision_config(tower, None)
-    except OSError as e:
+    except ModelLoadError as e:
         raise ConversionError(f"{model_path}: cannot load the vision tower {tower!r} it names ({e}); give "
                               "--vision-tower with a local copy of that tower") from None
     strategy = "default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
@@ -185,7 +192,8 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
                               "(mm_projector.bin) is used with --pretrain_mm_mlp_adapter, not converted")
     logger.info("loading vision tower %s", tower)
     dtype = state[f"{NATIVE_PROJECTOR}linear_1.weight"].dtype
-    vision = MODEL_MAPPING[type(vcfg)].from_pretrained(tower, config=vcfg, dtype=dtype)
+    with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
+        vision = MODEL_MAPPING[type(vcfg)].from_pretrained(tower, config=vcfg, dtype=dtype)
     vision_state = vision.state_dict()
     if own_vision:
         logger.info("the checkpoint holds its own vision tower (%d tensors): used instead of %s's",

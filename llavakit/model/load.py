@@ -131,7 +131,9 @@ def _adapter_keys_match(adapter_dir: str, fragment: str) -> bool:
             return any(fragment in k for k in f.keys())
     binf = os.path.join(adapter_dir, "adapter_model.bin")
     if os.path.isfile(binf):
-        return any(fragment in k for k in torch.load(binf, map_location="cpu", weights_only=True))
+        from llavakit.model.tensors import load_tensors
+
+        return any(fragment in k for k in load_tensors(binf))
     raise ModelLoadError(f"{adapter_dir}: {ADAPTER_CONFIG} but no adapter_model.safetensors / .bin")
 
 

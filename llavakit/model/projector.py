@@ -9,7 +9,6 @@ loading never unpickles anything but tensors (``weights_only=True``).
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 
@@ -70,10 +69,12 @@ def read_projector_file(path: str) -> dict[str, torch.Tensor]:
 
         state = load_file(path)
     else:
+        from llavakit.model.tensors import TensorFileError, load_tensors
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-            raise ProjectorFileError(f"{path}: cannot read as a tensor-only torch file: {e}") from None
+            state = load_tensors(path)
+        except TensorFileError as e:
+            raise ProjectorFileError(str(e)) from None
     if not isinstance(state, dict):
         raise ProjectorFileError(f"{path}: expected a dict of tensors")
     return from_original(state, path)

@@ -54,7 +54,9 @@ class SummaryCallback(TrainerCallback):
             "=" * 64,
             f"llavakit train: {s['stage']} done",
             f"  steps {s['steps']}  epochs {s['epochs']}  samples {s['samples_seen']}  tokens {s['tokens_seen']}",
-            f"  loss {fmt(s['first_loss'])} -> {fmt(s['final_loss'])}  (mean {fmt(s['train_loss'])})",
+            (f"  loss {fmt(s['first_loss'])} -> {fmt(s['final_loss'])}  (mean {fmt(s['train_loss'])})"
+             if s["first_loss"] is not None else
+             f"  loss: none logged (fewer steps than --logging_steps); mean {fmt(s['train_loss'])}"),
             f"  time {s['wall_seconds']} s   trainable {s['trainable_parameters']:,} / {s['total_parameters']:,}",
             f"  data: {s['train_samples']} samples, {s['skipped_samples']} skipped, "
             f"{s['replaced_samples']} replaced (bad images)",

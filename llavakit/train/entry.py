@@ -26,6 +26,10 @@ class OutputDirError(ValueError):
     pass
 
 
+class NoSamplesError(ValueError):
+    """Nothing in the data can be trained on."""
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint to resume from does not hold this model's weights."""
 
@@ -62,12 +66,31 @@ def resolve_resume(train_args) -> str | None:
         if not os.path.isdir(resume):
             raise OutputDirError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
         return resume
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputDirError(f"--output_dir {out} is a file, not a directory")
     existing = _checkpoints_in(out)
     if existing and not train_args.overwrite_output_dir:
         raise OutputDirError(
             f"{out} already holds checkpoints ({', '.join(existing[-3:])}). Continue with "
             "--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
+    finished = _finished_outputs_in(out)
+    if finished and not train_args.overwrite_output_dir:
+        raise OutputDirError(
+            f"{out} already holds a finished run ({', '.join(finished)}); a new run would replace it. Choose "
+            "another --output_dir, or replace it with --overwrite_output_dir.")
     return None
+
+
+#: files a finished run leaves (stage 2 / merged weights, a LoRA adapter, a stage-1 projector)
+FINISHED_OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin",
+                    "mm_projector.bin")
+
+
+def _finished_outputs_in(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [f for f in FINISHED_OUTPUTS if os.path.isfile(os.path.join(output_dir, f))]
 
 
 def _init_deepspeed_comm(train_args) -> None:
@@ -94,7 +117,8 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
 
     template = get_template(model_args.version, tokenizer)
     encoder = ConversationEncoder(tokenizer, template, num_image_tokens,
-                                  mm_use_im_start_end=model_args.mm_use_im_start_end)
+                                  mm_use_im_start_end=model_args.mm_use_im_start_end,
+                                  max_length=train_args.model_max_length)
     store, valid, problems = load_records(data_args.data_path)
     for p in problems:
         logger.warning(p.message)
@@ -110,7 +134,9 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
             for s in index.skipped:
                 f.write(json.dumps(s) + "\n")
     if len(index.record_idx) == 0:
-        raise ValueError(f"{data_args.data_path}: no sample left to train on")
+        why = (f"all {len(index.skipped)} skipped (listed in {os.path.join(train_args.output_dir, SKIPPED_REPORT)}; "
+               f"first: {index.skipped[0]['message']})" if index.skipped else "it holds no valid record")
+        raise NoSamplesError(f"{data_args.data_path}: no sample left to train on: {why}")
     if index.has_image.any() and not data_args.image_folder:
         logger.warning("no --image_folder: image paths are taken as they are (absolute or relative to the cwd)")
     transform = ImageTransform.from_processor(image_processor, data_args.image_aspect_ratio)
@@ -159,9 +185,6 @@ def run(argv: list[str]) -> RunResult:
     _setup_logging(train_args)
     resume = resolve_resume(train_args)
     t0 = time.time()
-    if train_args.process_index == 0:
-        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
-                             train_args)
 
     from llavakit.model.build import build_model, load_parts, torch_dtype_for
     from llavakit.model.projector import load_projector
@@ -215,6 +238,9 @@ def run(argv: list[str]) -> RunResult:
         enable_activation_checkpointing(base)
         train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
 
+    if train_args.process_index == 0:  # only once the data and the model are known good
+        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
+                             train_args)
     from llavakit.train.callbacks import SummaryCallback
     from llavakit.train.checkpoints import StopOnSignal, StopRequest
     from llavakit.train.trainer import LlavaTrainer
@@ -281,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
-            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError) as e:
+            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError, NoSamplesError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on

@@ -1,0 +1,31 @@
+"""Read a torch ``.bin`` weight file without unpickling anything but tensors.
+
+``torch.load(weights_only=True)`` refuses other Python objects; its message then suggests
+``weights_only=False``, which would run whatever code the file holds. llavakit never does that: the refusal
+is one sentence that says what the file holds and how to get a tensor-only one.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+
+
+class TensorFileError(ValueError):
+    """A weight file that cannot be read as tensors only."""
+
+
+def load_tensors(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TensorFileError(f"{path}: holds Python objects besides tensors, which llavakit does not unpickle "
+                              "(they could run code); save a plain dict of tensors (torch.save(model.state_dict())) "
+                              "or safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TensorFileError(f"{path}: cannot read as a torch weight file ({first})") from None
+    if not isinstance(state, dict):
+        raise TensorFileError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return state
