@@ -136,6 +136,7 @@ def test_a_projector_file_with_objects_is_refused_without_suggesting_unsafe_load
     with pytest.raises(ProjectorFileError) as e:
         read_projector_file(str(path))
     assert "weights_only=False" not in str(e.value) and "does not unpickle" in str(e.value)
+    assert str(path) in str(e.value)
 
 
 def test_the_stage1_summary_without_logged_loss(backbones, train_data, tmp_path, capsys):

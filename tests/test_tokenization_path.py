@@ -262,3 +262,25 @@ def test_generation_starts_where_supervision_starts(vicuna_tok):
         assert e.input_ids[:len(ids)] == ids
         assert e.labels[len(ids) - 1] == IGNORE_INDEX and e.labels[len(ids)] != IGNORE_INDEX
         assert torch.tensor(e.labels[:len(ids)]).eq(IGNORE_INDEX).sum() > 0
+
+
+CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['content'] is string %}"
+                "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+                "{{ '<image>\\n' }}{% endif %}{% endfor %}{% for p in m['content'] %}{% if p['type'] == 'text' %}"
+                "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("name", ["image_first", "multi_turn", "two_images", "text_only"])
+def test_the_tokenizers_own_chat_template_through_llavakit(tok, tiny_model, name):
+    """``--version chat_template``: llavakit's inference builds training's ids (plain transformers does only
+    where the tokenizer needs no separator; the README says what to do otherwise)."""
+    eos = tok.eos_token
+    tok.chat_template, tok.eos_token = CHATML_JINJA, "<|im_end|>"  # the template's end of turn
+    try:
+        turns, n_images = CONVERSATIONS[name]
+        messages, expected = prompt_and_expected(tok, "chat_template", turns, n_images)
+        pred = predictor_for(tok, tiny_model, "chat_template")
+        assert pred._inputs([pred.render(messages)], images(n_images))["input_ids"][0].tolist() == expected
+    finally:
+        tok.chat_template, tok.eos_token = None, eos

@@ -84,7 +84,7 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"{path}: over Pillow's own pixel limit ({e}); not decoded") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image in a format Pillow reads") from None
+        raise ImageLoadError(f"{path}: cannot decode image: not an image in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageLoadError(f"{path}: cannot decode image: {e}") from None
 

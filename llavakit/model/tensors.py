@@ -20,9 +20,9 @@ def load_tensors(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise TensorFileError(f"{path}: holds Python objects besides tensors, which llavakit does not unpickle "
-                              "(they could run code); save a plain dict of tensors (torch.save(model.state_dict())) "
-                              "or safetensors") from None
+        raise TensorFileError(f"{path}: holds Python objects besides tensors; llavakit reads tensor-only files "
+                              "and does not unpickle anything else (it could run code). Save a plain dict of "
+                              "tensors (torch.save(model.state_dict())) or safetensors") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TensorFileError(f"{path}: cannot read as a torch weight file ({first})") from None
