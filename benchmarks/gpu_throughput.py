@@ -84,6 +84,7 @@ def model_inputs(batch: dict, device: torch.device, attn: str) -> tuple[dict, in
     from llavakit.model.build import uses_varlen_attention
 
     real, n = batch.pop("num_real_tokens"), batch.pop("num_samples")
+    batch.pop("replaced", None)
     seq_lengths = batch.pop("seq_lengths", None)
     inputs = {k: v.to(device) for k, v in batch.items()}
     if seq_lengths is not None and uses_varlen_attention(attn):

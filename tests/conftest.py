@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -136,6 +137,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(model_path, *args: str):
+    """``llavakit serve`` for ``model_path`` in a real process on a free 127.0.0.1 port: yields (process,
+    port) once it says it is serving; stopped afterwards."""
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", str(model_path),
+                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if "serving" in line:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def training_logs(out) -> list[dict]:

@@ -111,33 +111,29 @@ def llama_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_bin_shards(d: Path, state: dict[str, torch.Tensor], n: int = 2) -> None:
-    """``pytorch_model-0000K-of-0000N.bin`` + ``pytorch_model.bin.index.json``, as 4.x sharded them."""
+def _write_shards(d: Path, state: dict[str, torch.Tensor], n: int, name: str, index: str, save) -> None:
     keys = list(state)
     per = -(-len(keys) // n)
     weight_map, total = {}, 0
     for k in range(n):
-        name = f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin"
-        part = {key: state[key] for key in keys[k * per:(k + 1) * per]}
-        torch.save(part, d / name)
-        weight_map.update({key: name for key in part})
+        part = {key: state[key].contiguous() for key in keys[k * per:(k + 1) * per]}
+        save(part, d / name.format(k + 1, n))
+        weight_map.update({key: name.format(k + 1, n) for key in part})
         total += sum(t.numel() * t.element_size() for t in part.values())
-    _write_json(d / "pytorch_model.bin.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(d / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_bin_shards(d: Path, state: dict[str, torch.Tensor], n: int = 2) -> None:
+    """``pytorch_model-0000K-of-0000N.bin`` + ``pytorch_model.bin.index.json``, as 4.x sharded them."""
+    _write_shards(d, state, n, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json", torch.save)
 
 
 def write_safetensors_shards(d: Path, state: dict[str, torch.Tensor], n: int = 2) -> None:
+    """``model-0000K-of-0000N.safetensors`` + ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
-    keys = list(state)
-    per = -(-len(keys) // n)
-    weight_map, total = {}, 0
-    for k in range(n):
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        part = {key: state[key].contiguous() for key in keys[k * per:(k + 1) * per]}
-        save_file(part, str(d / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in part})
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    _write_json(d / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_shards(d, state, n, "model-{:05d}-of-{:05d}.safetensors", "model.safetensors.index.json",
+                  lambda part, path: save_file(part, str(path), metadata={"format": "pt"}))
 
 
 def vicuna_generation_config() -> dict:

@@ -9,7 +9,7 @@ import torch
 from llavakit import IGNORE_INDEX
 from llavakit.bench import real_fraction_padded
 from llavakit.data.collate import LlavaCollator
-from llavakit.data.dataset import DataQualityError, LlavaDataset, build_sample_index
+from llavakit.data.dataset import BadSampleGuard, DataQualityError, LlavaDataset, build_sample_index
 from llavakit.data.images import ImageTransform
 from llavakit.data.records import load_records
 from llavakit.data.sampler import LengthGroupedBatchSampler
@@ -99,11 +99,14 @@ def test_bad_image_replaced_counted_and_reported(tmp_path, tokenizer, image_fold
         make_image(image_folder / "coco" / f"{i}.jpg", (30, 30), seed=i)
     (image_folder / "coco" / "3.jpg").write_bytes(b"garbage")
     (image_folder / "coco" / "7.jpg").unlink()
-    ds = make_dataset(tmp_path, tokenizer, recs, image_folder, max_bad_fraction=0.5)
-    s = ds[3]
-    assert s["id"] == "r4"  # the next sample of the same modality, deterministically
-    assert ds[7]["id"] == "r8"
-    assert ds.bad == 2
+    ds = make_dataset(tmp_path, tokenizer, recs, image_folder)
+    s2, s3, s7 = ds[2], ds[3], ds[7]
+    assert s3["id"] == "r4"  # the next sample of the same modality, deterministically
+    assert [r["id"] for r in s3["replaced"]] == ["r3"] and s2["replaced"] == []
+    assert [r["id"] for r in s7["replaced"]] == ["r7"] and s7["id"] == "r8"
+    # the replacement travels in the batch, whichever process loaded the samples
+    batch = LlavaCollator(0, TRANSFORM)([s2, s3, s7])
+    assert [r["id"] for r in batch["replaced"]] == ["r3", "r7"] and batch["num_samples"] == 3
     lines = [json.loads(x) for x in (tmp_path / "bad.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["r3", "r7"]
     assert "cannot decode" in lines[0]["reason"] and "not found" in lines[1]["reason"]
@@ -116,10 +119,16 @@ def test_too_many_bad_images_stop_the_run(tmp_path, tokenizer, image_folder):
         make_image(image_folder / "coco" / f"m{i}.jpg", (30, 30), seed=i)
     for i in (2, 5, 9):
         (image_folder / "coco" / f"m{i}.jpg").unlink()
-    ds = make_dataset(tmp_path, tokenizer, recs, image_folder, max_bad_fraction=0.01)
-    ds[2]
-    with pytest.raises(DataQualityError, match="failed to load"):
-        ds[5]
+    ds = make_dataset(tmp_path, tokenizer, recs, image_folder)
+    guard = BadSampleGuard(0.01, total=len(ds))
+    first = ds[2]["replaced"]
+    guard.check(seen=3, bad=len(first), last=first[-1])  # one of 20 is within max(1, 1% of 20)
+    second = ds[5]["replaced"]
+    with pytest.raises(DataQualityError, match="2 of 6 samples seen failed to load.*id='r5'"):
+        guard.check(seen=6, bad=2, last=second[-1])
+    BadSampleGuard(0.5, total=1000).check(seen=99, bad=40)  # under min_seen: the dataset-wide bound only
+    with pytest.raises(DataQualityError):
+        BadSampleGuard(0.5, total=1000).check(seen=100, bad=51)
 
 
 def sampler_lengths(n=203, seed=0):

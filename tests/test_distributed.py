@@ -283,3 +283,21 @@ def test_deepspeed_zero2_stage2_packed(backbones, train_data, tmp_path):
     assert (out / "model.safetensors").is_file()
     logs = training_logs(out)
     assert len(logs) == 2 and all(h["real_token_fraction"] == 1.0 and h["loss"] == h["loss"] for h in logs)
+
+
+def test_ddp_bad_samples_counted_over_ranks_and_workers(backbones, train_data, tmp_path):
+    """2 ranks × 2 data-loader workers: the replaced samples of every rank and worker add up; the strict run
+    stops on every rank (no rank left waiting), the loose one finishes with the count of reported lines."""
+    from .conftest import stage1_flags
+    from .test_train import four_bad_images
+
+    data = four_bad_images(train_data, tmp_path)
+    common = dict(dataloader_num_workers=2, ddp_backend="gloo", per_device_train_batch_size=2)
+    strict = torchrun(stage1_flags(backbones, data, tmp_path / "strict", max_bad_fraction=0.2, **common))
+    # every rank stops with the same sentence (torchrun then exits non-zero); no rank is left waiting
+    assert strict.returncode != 0 and strict.stderr.count("4 of 16 samples seen failed to load") == 2, tail(strict)
+    loose = torchrun(stage1_flags(backbones, data, tmp_path / "loose", max_bad_fraction=0.5, **common))
+    assert loose.returncode == 0, tail(loose)
+    lines = (tmp_path / "loose" / "bad_samples.jsonl").read_text().splitlines()
+    summary = json.loads((tmp_path / "loose" / "train_summary.json").read_text())
+    assert len(lines) == 4 and summary["replaced_samples"] == 4

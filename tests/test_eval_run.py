@@ -179,7 +179,7 @@ def test_judge_gives_up_with_a_clear_error():
 
 
 def test_mm_vet_local_judge_and_upload(tmp_path):
-    from llavakit.eval import mcq
+    from llavakit.eval import mmvet
 
     answers = tmp_path / "a.jsonl"
     write_jsonl(answers, [{"question_id": 0, "text": "4"}, {"question_id": 1, "text": "a cat"}])
@@ -188,17 +188,18 @@ def test_mm_vet_local_judge_and_upload(tmp_path):
                                  "v1_1": {"question": "What?", "answer": "dog<OR>puppy", "capability": ["rec"]}}))
     server = FakeJudge("0.5")
     try:
-        res = mcq.judge_mmvet(str(answers), str(truth), str(tmp_path / "r.jsonl"),
+        res = mmvet.judge_mmvet(str(answers), str(truth), str(tmp_path / "r.jsonl"),
                               JudgeClient(base_url=server.url, backoff=0.01))
     finally:
         server.close()
     assert res["score"] == 50.0 and res["per_capability"] == {"math": 50.0, "rec": 50.0}
-    assert mcq.mmvet_submission(str(answers), str(tmp_path / "up.json")) == 2
+    assert mmvet.mmvet_submission(str(answers), str(tmp_path / "up.json")) == 2
     assert json.loads((tmp_path / "up.json").read_text()) == {"v1_0": "4", "v1_1": "a cat"}
 
 
 def test_seed_and_gqa_scorers(tmp_path):
-    from llavakit.eval import mcq, vqa
+    from llavakit.eval import seed as seed_bench
+    from llavakit.eval import vqa
 
     seed = tmp_path / "SEED-Bench.json"
     seed.write_text(json.dumps({"question_type": {"Scene Understanding": 1, "Instance Counting": 2},
@@ -210,7 +211,7 @@ def test_seed_and_gqa_scorers(tmp_path):
                                                "question_type_id": 2}]}))
     answers = tmp_path / "a.jsonl"
     write_jsonl(answers, [{"question_id": "1", "text": "A"}, {"question_id": "2", "text": "B."}])
-    s = mcq.score_seed(str(answers), str(seed))
+    s = seed_bench.score_seed(str(answers), str(seed))
     assert s["score"] == 50.0 and s["per_type"] == {"Instance Counting": 0.0, "Scene Understanding": 100.0}
     gqa = tmp_path / "testdev.json"
     gqa.write_text(json.dumps({"q1": {"answer": "yes"}, "q2": {"answer": "left"}}))

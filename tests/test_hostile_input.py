@@ -23,7 +23,7 @@ from PIL import Image
 
 from llavakit.cli import main as cli
 
-from .conftest import free_port, make_image, stage1_flags, stage2_flags, write_json, write_jsonl
+from .conftest import make_image, serving, stage1_flags, stage2_flags, write_json, write_jsonl
 from .test_data_tools import FileServer
 
 
@@ -275,20 +275,9 @@ def endless_model(stage2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hostile_server(endless_model):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", str(endless_model),
-                             "--port", str(port), "--max-new-tokens", "4", "--max-tokens-limit", "1500",
-                             "--max-queued", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if "serving" in line:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
-    yield {"url": f"http://127.0.0.1:{port}/v1/chat/completions", "port": port, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(endless_model, "--max-new-tokens", "4", "--max-tokens-limit", "1500", "--max-queued", "0") \
+            as (proc, port):
+        yield {"url": f"http://127.0.0.1:{port}/v1/chat/completions", "port": port, "proc": proc}
 
 
 def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict, dict]:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from llavakit import IGNORE_INDEX
 from llavakit.cli import main as cli
 from llavakit.model.convert import read_weights
 
-from .conftest import free_port, lora_flags, stage1_flags, stage2_flags, write_jsonl
+from .conftest import lora_flags, serving, stage1_flags, stage2_flags, write_jsonl
 
 
 def hub_backbones(hub) -> dict:
@@ -254,18 +253,7 @@ def test_eval_run_on_a_converted_original_checkpoint(converted_released, train_d
 
 
 def test_serve_on_a_llava_hf_checkpoint(hub, train_data):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", hub["llava_hf"]["dir"],
-                             "--port", str(port), "--max-new-tokens", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if "serving" in line:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
+    with serving(hub["llava_hf"]["dir"], "--max-new-tokens", "3") as (_, port):
         img = Path(train_data["images"]) / "coco" / "3.jpg"
         url = "data:image/jpeg;base64," + base64.b64encode(img.read_bytes()).decode()
         body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [
@@ -274,10 +262,7 @@ def test_serve_on_a_llava_hf_checkpoint(hub, train_data):
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             reply = json.loads(resp.read())
-        assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["prompt_tokens"] > 576 // 144
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["prompt_tokens"] > 4
 
 
 def test_fine_tuning_a_llava_hf_checkpoint_on_own_data(hub, train_data, tmp_path):

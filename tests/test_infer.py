@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from llavakit.cli import main as cli
 from llavakit.model.build import ModelLoadError
 
-from .conftest import free_port, llava_inputs, make_image
+from .conftest import llava_inputs, make_image, serving
 
 
 @pytest.fixture(scope="module")
@@ -189,20 +188,8 @@ def test_chat_streams_the_answer_and_keeps_the_history(stage2, train_data):
 # ---- serve ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(stage2):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", str(stage2["out"]),
-                             "--port", str(port), "--max-new-tokens", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if "serving" in line:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(stage2["out"], "--max-new-tokens", "8") as (_, port):
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def _data_url(path) -> str:

@@ -12,7 +12,7 @@ from llavakit.model.projector import (
     save_projector,
     to_original,
 )
-from llavakit.train.graph import add_dummy_image
+from llavakit.train.dummy_image import add_dummy_image
 from llavakit.train.stages import configure_trainable
 
 

@@ -148,6 +148,35 @@ def test_bad_image_mid_run_is_replaced_and_reported(backbones, train_data, tmp_p
     make_image(images / "coco" / "5.jpg", (20, 20))
 
 
+def four_bad_images(train_data, tmp_path) -> dict:
+    import shutil
+
+    data = dict(train_data)
+    images = tmp_path / "images"
+    shutil.copytree(train_data["images"], images)
+    for i in (1, 6, 10, 13):  # 4 of the 16 captions' images
+        (images / "coco" / f"{i}.jpg").write_bytes(b"garbage")
+    data["images"] = str(images)
+    return data
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_counted_from_worker_processes(backbones, train_data, tmp_path, workers):
+    """The replaced samples reach the trainer in the batches, so --max_bad_fraction holds with data-loader
+    workers: 4 of 16 stop a run at 0.2; at 0.5 it finishes and counts exactly the reported lines."""
+    from llavakit.data.dataset import DataQualityError
+
+    data = four_bad_images(train_data, tmp_path)
+    with pytest.raises(DataQualityError, match="of .* samples seen failed to load"):
+        run(stage1_flags(backbones, data, tmp_path / "strict", max_bad_fraction=0.2,
+                         dataloader_num_workers=workers))
+    res = run(stage1_flags(backbones, data, tmp_path / "loose", max_bad_fraction=0.5,
+                           dataloader_num_workers=workers))
+    lines = (tmp_path / "loose" / "bad_samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == ["cap1", "cap10", "cap13", "cap6"]
+    assert res.summary["replaced_samples"] == 4
+
+
 def test_continue_from_a_llava_checkpoint_needs_no_vision_tower(stage2, backbones, train_data, tmp_path):
     """The original's finetune_task.sh: --model_name_or_path is a (transformers-native) LLaVA checkpoint."""
     res = run(stage2_flags(backbones, train_data, tmp_path / "task", "", pretrain_mm_mlp_adapter=None,

@@ -17,7 +17,8 @@ per step, the same supervised tokens: only the padding goes.
 when no sample has one. Images arrive as uint8; with ``normalize=True`` the collator turns them into
 float32 (bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
 Every batch carries ``num_real_tokens`` (the tokens that are not padding) and ``num_samples`` for
-throughput accounting, as plain ints (they stay on the host, so counting them never waits for the GPU);
+throughput accounting, as plain ints (they stay on the host, so counting them never waits for the GPU),
+and ``replaced``, the bad samples its samples stand in for (from whichever worker process loaded them);
 the trainer removes them before the forward pass.
 """
 
@@ -84,7 +85,7 @@ class LlavaCollator:
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a sequence of its own
             seq_lengths.append([lengths[i] for i in row] + ([width - pos] if width > pos else []))
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_lengths": seq_lengths,
-                 "num_real_tokens": sum(lengths), "num_samples": len(features)}
+                 "num_real_tokens": sum(lengths), "num_samples": len(features), "replaced": _replaced(features)}
         return self._images(batch, [features[i] for row in rows for i in row])
 
     def _padded(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
@@ -97,8 +98,13 @@ class LlavaCollator:
             labels[i, :length] = f["labels"]
             attention_mask[i, :length] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                 "num_real_tokens": sum(lengths), "num_samples": n}
+                 "num_real_tokens": sum(lengths), "num_samples": n, "replaced": _replaced(features)}
         return self._images(batch, features)
+
+
+def _replaced(features: list[dict]) -> list[dict]:
+    """The bad samples the batch's samples stand in for (index, id, reason), as the dataset reported them."""
+    return [r for f in features for r in f.get("replaced", ())]
 
 
 def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:

@@ -6,8 +6,10 @@ Before training, every record is encoded once to learn its exact length after im
 and reported — they never reach the model, so no rank waits on another over one.
 
 At train time a missing or undecodable image does not kill the run: the sample is replaced by the next
-sample of the same modality (deterministic), counted, and written with its id and reason to the report
-file; past ``max_bad_fraction`` of the samples seen, the run stops with :class:`DataQualityError`.
+sample of the same modality (deterministic) and written with its id and reason to the report file. The
+replacement travels in the sample (``replaced``), so the trainer counts it whichever worker process loaded
+it; past ``max_bad_fraction`` of the samples seen (:class:`BadSampleGuard`, counts summed over ranks) the
+run stops with :class:`DataQualityError`.
 """
 
 from __future__ import annotations
@@ -183,8 +185,7 @@ class LlavaDataset(Dataset):
 
     def __init__(self, store: RecordStore, index: SampleIndex, encoder: ConversationEncoder,
                  transform: ImageTransform, image_folder: str | None = None,
-                 model_max_length: int | None = None, report_path: str | os.PathLike | None = None,
-                 max_bad_fraction: float = 0.01, min_seen_for_threshold: int = 100):
+                 model_max_length: int | None = None, report_path: str | os.PathLike | None = None):
         self.store = store
         self.index = index
         self.encoder = encoder
@@ -192,10 +193,6 @@ class LlavaDataset(Dataset):
         self.image_folder = image_folder
         self.model_max_length = model_max_length
         self.report_path = str(report_path) if report_path else None
-        self.max_bad_fraction = max_bad_fraction
-        self.min_seen = min_seen_for_threshold
-        self.seen = 0
-        self.bad = 0
 
     def __len__(self) -> int:
         return len(self.index.record_idx)
@@ -221,14 +218,18 @@ class LlavaDataset(Dataset):
                 "images": images, "id": rec.id}
 
     def __getitem__(self, i: int) -> dict:
-        self.seen += 1
+        """Sample ``i``, or the next loadable one of its modality; the sample records which ones it replaced
+        (``replaced``: index, id, reason) so that the count reaches the trainer from any worker process."""
         n = len(self)
         j = i
+        replaced: list[dict] = []
         for _ in range(min(n, 64)):
             try:
-                return self.load(j)
+                sample = self.load(j)
+                sample["replaced"] = replaced
+                return sample
             except (ImageLoadError, SampleTooLong) as e:
-                self._report_bad(j, e)
+                replaced.append(self._report_bad(j, e))
                 j = self._replacement(j)
         raise DataQualityError(f"{self.store.source}: 64 samples in a row failed to load near index {i}; "
                                f"check --image_folder ({self.image_folder}) with `llavakit data check`")
@@ -243,19 +244,33 @@ class LlavaDataset(Dataset):
                 return k
         return (j + 1) % n
 
-    def _report_bad(self, j: int, err: Exception) -> None:
-        self.bad += 1
+    def _report_bad(self, j: int, err: Exception) -> dict:
         ridx = int(self.index.record_idx[j])
         rid = str(self.store.raw(ridx).get("id", ridx))
         logger.warning("sample %s (record %d) replaced: %s", rid, ridx, err)
+        entry = {"index": ridx, "id": rid, "reason": str(err)}
         if self.report_path:
-            line = json.dumps({"index": ridx, "id": rid, "reason": str(err)}) + "\n"
             with open(self.report_path, "a", encoding="utf-8") as f:
-                f.write(line)
-        over_seen = self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen
-        over_total = self.bad > max(1.0, self.max_bad_fraction * len(self))
+                f.write(json.dumps(entry) + "\n")
+        return entry
+
+
+@dataclass
+class BadSampleGuard:
+    """Stops a run whose images fail too often: past ``max_fraction`` of the samples seen (once
+    ``min_seen`` were), or of the whole dataset. Fed with counts that travelled in the batches, summed over
+    ranks, so every rank decides alike."""
+
+    max_fraction: float
+    total: int
+    report_path: str | None = None
+    min_seen: int = 100
+
+    def check(self, seen: int, bad: int, last: dict | None = None) -> None:
+        over_seen = seen >= self.min_seen and bad > self.max_fraction * seen
+        over_total = bad > max(1.0, self.max_fraction * self.total)
         if over_seen or over_total:
+            what = f"; the last: record {last['index']} (id={last['id']!r}): {last['reason']}" if last else ""
             raise DataQualityError(
-                f"{self.bad} of {self.seen} samples seen failed to load (more than "
-                f"{self.max_bad_fraction:.1%}); the last: record {ridx} (id={rid!r}): {err}. "
+                f"{bad} of {seen} samples seen failed to load (more than {self.max_fraction:.1%}){what}. "
                 f"See {self.report_path or 'the log'}; fix the images or run `llavakit data check`.")

@@ -105,9 +105,6 @@ class ImageSeparator:
     text: str
     before_space: str
 
-    def before(self, following: str) -> str:
-        return self.before_space if following.startswith(" ") else self.text
-
 
 def image_text_separator(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> ImageSeparator | None:
     """The separators that make tokenizing a prompt in one piece (as plain transformers does) give the ids

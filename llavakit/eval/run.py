@@ -140,7 +140,7 @@ def build_questions(name: str, root: str, out_dir: str) -> list[dict]:
 
 # ---- scoring ------------------------------------------------------------------------------------
 def score_run(name: str, root: str, out_dir: str, answers: str, judge=None) -> dict:
-    from llavakit.eval import llava_bench, mcq, vqa
+    from llavakit.eval import llava_bench, mmvet, vqa
     from llavakit.eval.score import score_benchmark
 
     bench = BENCHMARKS[name]
@@ -161,11 +161,11 @@ def score_run(name: str, root: str, out_dir: str, answers: str, judge=None) -> d
         return {"score": None, "upload": upload, "questions": n, "note": "scored by the VizWiz evaluation server"}
     if name == "mm-vet":
         upload = os.path.join(out_dir, "mm-vet_upload.json")
-        mcq.mmvet_submission(answers, upload)
+        mmvet.mmvet_submission(answers, upload)
         if judge is None or not os.path.isfile(os.path.join(root, bench.annotations)):
             return {"score": None, "upload": upload, "note": "official score: MM-Vet's evaluator; a local GPT "
                     "estimate needs --judge-model and mm-vet/mm-vet.json"}
-        return {**mcq.judge_mmvet(answers, os.path.join(root, bench.annotations),
+        return {**mmvet.judge_mmvet(answers, os.path.join(root, bench.annotations),
                                   os.path.join(out_dir, "reviews.jsonl"), judge), "upload": upload}
     if name == "llava-bench":
         if judge is None:

@@ -18,7 +18,7 @@ mm-vet          P: ``mm-vet.json``; judged by GPT (``--judge-*``), reviews writt
 
 from __future__ import annotations
 
-from llavakit.eval import llava_bench, mcq, mmbench, mme, pope, scienceqa, vqa
+from llavakit.eval import llava_bench, mmbench, mme, mmvet, pope, scienceqa, seed, vqa
 
 BENCHMARKS = ("pope", "mme", "scienceqa", "mmbench", "llava-bench", "textvqa", "gqa", "vqav2", "vizwiz", "seed",
               "mm-vet")
@@ -56,8 +56,8 @@ def score_benchmark(benchmark: str, answers_file: str | list[str], question_file
         return vqa.score_vqa(answers, need(annotations, "--annotations (annotations for local accuracy; test "
                                                         "splits are scored by the evaluation server)"))
     if benchmark == "seed":
-        return mcq.score_seed(answers, need(annotations, "--annotations"))
+        return seed.score_seed(answers, need(annotations, "--annotations"))
     if judge is None:
         raise ValueError("--benchmark mm-vet is judged by GPT: give --judge-model (and --judge-base-url, "
                          "OPENAI_API_KEY); for the official number upload the file `eval run` writes")
-    return mcq.judge_mmvet(answers, need(annotations, "--annotations"), answers + ".reviews.jsonl", judge)
+    return mmvet.judge_mmvet(answers, need(annotations, "--annotations"), answers + ".reviews.jsonl", judge)

@@ -25,6 +25,7 @@ import torch
 
 from llavakit import IMAGE_PLACEHOLDER
 from llavakit.model.build import ModelLoadError, checkpoint_kind, read_config_dict
+from llavakit.model.projector import ORIGINAL_TO_HF
 from llavakit.model.tensors import load_tensors
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ ORIGINAL_VISION = "model.vision_tower.vision_tower."
 NATIVE_LM = "model.language_model."
 NATIVE_PROJECTOR = "model.multi_modal_projector."
 NATIVE_VISION = "model.vision_tower."
-PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+PROJECTOR_LAYERS = ORIGINAL_TO_HF  # the original's Sequential indices → transformers' layer names
 
 
 #: the level transformers 4.x (the original's pin) has in a vision model's weight names and 5.x has not
@@ -117,6 +118,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
         _vision_config,
         has_cls_token,
         load_image_processor,
+        num_image_tokens_for,
         prepare_tokenizer,
     )
     from llavakit.model.generation_config import make_savable
@@ -222,7 +224,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     text_config.vocab_size = rows
     text_config.pad_token_id = tokenizer.pad_token_id
 
-    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if strategy == "full" and has_cls_token(vcfg) else 0)
+    n_tokens = num_image_tokens_for(vcfg, strategy)
     config = LlavaConfig(text_config=text_config, vision_config=vision.config,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), image_seq_length=n_tokens,
                          vision_feature_layer=cfg.get("mm_vision_select_layer", -2),

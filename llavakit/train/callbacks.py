@@ -1,4 +1,4 @@
-"""Training callbacks: the one-screen summary at the end of a run."""
+"""Training callbacks: the one-screen summary at the end of a run, and the bad-sample guard."""
 
 from __future__ import annotations
 
@@ -19,14 +19,10 @@ class SummaryCallback(TrainerCallback):
             self.losses.append((state.global_step, float(logs["loss"])))
 
     def summary(self, result, wall_seconds: float) -> dict:
-        import torch
-
         tr = self.trainer
         state = tr.state
         ds = tr.train_dataset
-        # counts are per process; sum them over ranks
-        counts = torch.tensor([tr.samples_seen, tr.tokens_seen, ds.bad], dtype=torch.long, device=tr.args.device)
-        samples, tokens, replaced = (int(x) for x in tr.accelerator.reduce(counts, reduction="sum").tolist())
+        samples, tokens, replaced = tr.global_counts()  # counts are per process; summed over ranks
         return {
             "stage": tr.stage.name,
             "steps": state.global_step,
@@ -64,3 +60,13 @@ class SummaryCallback(TrainerCallback):
             "=" * 64,
         ]
         return "\n".join(lines)
+
+
+class DataQualityCallback(TrainerCallback):
+    """After every optimizer step: stop the run (on every rank at once) when too many samples were bad."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.check_data_quality()

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 STAGING = ".incomplete"
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint to resume from does not hold this model's weights."""
+
+
 def fsync_tree(path: str) -> None:
     """Flush every file and directory under ``path`` to disk."""
     for root, _dirs, files in os.walk(path):

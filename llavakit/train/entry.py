@@ -30,10 +30,6 @@ class NoSamplesError(ValueError):
     """Nothing in the data can be trained on."""
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint to resume from does not hold this model's weights."""
-
-
 def _setup_logging(train_args) -> None:
     import transformers
 
@@ -141,8 +137,7 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         logger.warning("no --image_folder: image paths are taken as they are (absolute or relative to the cwd)")
     transform = ImageTransform.from_processor(image_processor, data_args.image_aspect_ratio)
     dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
-                           report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT),
-                           max_bad_fraction=data_args.max_bad_fraction)
+                           report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT))
     # workers hand over uint8 pixels (a quarter of the bytes); the trainer normalises them on the device
     collator = LlavaCollator(tokenizer.pad_token_id, transform, normalize=False, packing=train_args.packing,
                              packing_max_length=packing_capacity(train_args))
@@ -241,7 +236,8 @@ def run(argv: list[str]) -> RunResult:
     if train_args.process_index == 0:  # only once the data and the model are known good
         save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
                              train_args)
-    from llavakit.train.callbacks import SummaryCallback
+    from llavakit.data.dataset import BadSampleGuard
+    from llavakit.train.callbacks import DataQualityCallback, SummaryCallback
     from llavakit.train.checkpoints import StopOnSignal, StopRequest
     from llavakit.train.trainer import LlavaTrainer
 
@@ -249,6 +245,9 @@ def run(argv: list[str]) -> RunResult:
                            processing_class=tokenizer, stage=stage)
     summary_cb = SummaryCallback(trainer)
     trainer.add_callback(summary_cb)
+    trainer.bad_sample_guard = BadSampleGuard(data_args.max_bad_fraction, total=len(dataset),
+                                              report_path=dataset.report_path)
+    trainer.add_callback(DataQualityCallback(trainer))
     from llavakit.train.throughput import MeterCallback, ModelFlops, ThroughputMeter, detect_peak_tflops
 
     trainer.meter = ThroughputMeter(trainer, ModelFlops.of(model, parts.num_image_tokens),
@@ -297,17 +296,19 @@ def _finish_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from llavakit.config import ConfigError
+    from llavakit.data.dataset import DataQualityError
     from llavakit.data.records import InvalidRecordsError, RecordFileError
     from llavakit.data.templates import TemplateError
     from llavakit.data.tokenize import TokenizerLoadError
     from llavakit.model.build import ModelLoadError
     from llavakit.model.projector import ProjectorFileError
+    from llavakit.train.checkpoints import CheckpointMismatchError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
-            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError, NoSamplesError) as e:
+            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError, NoSamplesError, DataQualityError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on

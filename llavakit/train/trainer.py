@@ -29,7 +29,7 @@ from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
-from llavakit.train.graph import add_dummy_image
+from llavakit.train.dummy_image import add_dummy_image
 from llavakit.train.stages import PROJECTOR, Stage
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class LlavaTrainer(Trainer):
         self.tokens_processed = 0  # every position the model ran, padding included
         self.samples_seen = 0
         self.images_seen = 0
+        self.samples_replaced = 0  # bad samples replaced, as the batches reported them
+        self.last_replaced: dict | None = None
+        self.bad_sample_guard = None  # a BadSampleGuard, checked after every optimizer step
         self.meter = None  # a ThroughputMeter: rates and MFU added to every training log
 
     # ---- data -----------------------------------------------------------------------------------
@@ -97,7 +100,8 @@ class LlavaTrainer(Trainer):
         sampler = LengthGroupedBatchSampler(
             ds.modality_lengths, args.per_device_train_batch_size, args.world_size,
             args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
-            has_image=ds.index.has_image, seed=args.seed, window_steps=args.length_group_steps)
+            has_image=ds.index.has_image, seed=args.seed, drop_last=args.dataloader_drop_last,
+            window_steps=args.length_group_steps)
         params = {"batch_sampler": sampler, "collate_fn": self.data_collator,
                   "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
                   "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
@@ -135,7 +139,11 @@ class LlavaTrainer(Trainer):
         inputs = dict(inputs)
         real = inputs.pop("num_real_tokens", None)
         num_samples = inputs.pop("num_samples", None)
+        replaced = inputs.pop("replaced", None) or []
         if model.training:
+            self.samples_replaced += len(replaced)
+            if replaced:
+                self.last_replaced = replaced[-1]
             if real is not None:
                 self.tokens_seen += int(real)
             elif "attention_mask" in inputs:
@@ -157,6 +165,21 @@ class LlavaTrainer(Trainer):
             inputs.update(varlen_kwargs(seq_lengths, inputs["input_ids"].device))
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def global_counts(self) -> tuple[int, int, int]:
+        """(samples, real tokens, replaced samples) seen so far, summed over ranks (a collective: every rank
+        must call it at the same point)."""
+        counts = [self.samples_seen, self.tokens_seen, self.samples_replaced]
+        if self.accelerator.num_processes > 1:
+            t = torch.tensor(counts, dtype=torch.long, device=self.args.device)
+            counts = [int(x) for x in self.accelerator.reduce(t, reduction="sum").tolist()]
+        return counts[0], counts[1], counts[2]
+
+    def check_data_quality(self) -> None:
+        """Enforce ``--max_bad_fraction`` on the counts of every rank (all ranks stop together)."""
+        if self.bad_sample_guard is not None:
+            samples, _, replaced = self.global_counts()
+            self.bad_sample_guard.check(samples, replaced, self.last_replaced)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.meter is not None and "loss" in logs:
@@ -256,7 +279,7 @@ class LlavaTrainer(Trainer):
         (``language_model.model.*``), which the Trainer's own resume does not map back and then skips
         without an error: the run would continue from the initial weights."""
         from llavakit.model.convert import read_weights
-        from llavakit.train.entry import CheckpointMismatchError
+        from llavakit.train.checkpoints import CheckpointMismatchError
 
         own = self.llava.state_dict()
         state = {current_llava_key(k): v for k, v in read_weights(checkpoint).items()}
