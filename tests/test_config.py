@@ -84,3 +84,22 @@ def test_original_format_checkpoint_names_the_conversion(backbones, train_data, 
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "original-format LLaVA checkpoint" in r.stderr and "llavakit convert from-original" in r.stderr
+
+
+def test_the_private_internals_llavakit_relies_on_are_where_it_expects():
+    """Every private name of transformers / Python that llavakit uses (llavakit/internals.py) is still
+    there and takes the parameters used: an upgrade that moves one fails here, not silently in a run."""
+    from llavakit.internals import PRIVATE_NAMES, check_internals
+
+    assert check_internals() == []
+    assert len(PRIVATE_NAMES) >= 9
+
+
+def test_a_moved_internal_is_reported(monkeypatch):
+    import llavakit.internals as internals
+
+    monkeypatch.setattr(internals, "PRIVATE_NAMES", (
+        ("transformers.Trainer._no_such_method", (), "x"),
+        ("transformers.Trainer._save", ("output_dir", "no_such_param"), "y")))
+    problems = internals.check_internals()
+    assert len(problems) == 2 and "is gone" in problems[0] and "no_such_param" in problems[1]

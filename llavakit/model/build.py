@@ -316,22 +316,13 @@ def _quiet_loading():
         hf_logging.set_verbosity(level)
 
 
-@contextlib.contextmanager
 def _shell_init():
     """Build the Llava shell on the meta device with ZeRO-3 construction-time partitioning off: its
     sub-models are replaced right away by the real (already partitioned) ones, and ZeRO-3's weight
     initialisation cannot run on meta tensors."""
-    from transformers.integrations import deepspeed as hf_ds
+    from llavakit.internals import deepspeed_zero3_init_paused
 
-    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
-    obj = ref() if ref is not None else None
-    if obj is not None:
-        hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if obj is not None:
-            hf_ds.set_hf_deepspeed_config(obj)
+    return deepspeed_zero3_init_paused()
 
 
 def _check_no_meta(model) -> None:

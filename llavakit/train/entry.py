@@ -328,9 +328,9 @@ def _end_launched_rank(code: int) -> int:
     """
     if "LOCAL_RANK" not in os.environ:
         return code
-    import atexit
+    from llavakit.internals import run_exit_handlers
 
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

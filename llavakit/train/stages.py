@@ -76,4 +76,6 @@ def enable_activation_checkpointing(model) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
     model.model.vision_tower.activation_checkpointing_disable()
-    model._require_grads_hooks = [model.get_input_embeddings().register_forward_hook(_outputs_require_grad)]
+    from llavakit.internals import set_input_require_grads_hook
+
+    set_input_require_grads_hook(model, model.get_input_embeddings(), _outputs_require_grad)
