@@ -44,7 +44,7 @@ def build(vision: str, device: torch.device):
 
 def main() -> None:
     from llavakit.bench import timed_train_step
-    from llavakit.train.stages import configure_trainable, enable_activation_checkpointing
+    from llavakit.train.stages import Stage, enable_activation_checkpointing
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     model, n_img, size = build(args.vision, device)
-    configure_trainable(model, tune_mm_mlp_adapter=args.stage == "stage1")
+    Stage("align" if args.stage == "stage1" else "full").configure_trainable(model)
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(args.steps + 1):

@@ -123,21 +123,15 @@ def run_config(model, n_img: int, stage: str, packed: bool, steps: int, batch: i
     from llavakit.bench import timed_train_step
     from llavakit.data.collate import LlavaCollator, scored_logits_kwargs
     from llavakit.data.images import ImageTransform
-    from llavakit.model.lora import apply_lora
-    from llavakit.train.stages import configure_trainable
+    from llavakit.train.stages import Stage
     from llavakit.train.throughput import ModelFlops
 
-    class Args:  # the LoRA flags of scripts/v1_5/finetune_lora.sh
+    class Args:  # the LoRA flags of scripts/v1_5/finetune_lora.sh; checkpointing is set up below
         lora_r, lora_alpha, lora_dropout, lora_bias = 128, 256, 0.05, "none"
+        activation_checkpointing = False
 
-    target = model
-    if stage == "stage2-lora":
-        target = apply_lora(model, Args())
-        base = target.get_base_model()
-    else:
-        base = model
-    configure_trainable(base, tune_mm_mlp_adapter=(stage == "stage1"), freeze_backbone=False,
-                        freeze_mm_mlp_adapter=False, lora=(stage == "stage2-lora"))
+    kind = {"stage1": "align", "stage2-lora": "lora"}.get(stage, "full")
+    target = Stage(kind).setup(model, Args())
     size = model.config.vision_config.image_size
     transform = ImageTransform(shortest_edge=size, crop_hw=(size, size))
     collate = LlavaCollator(0, transform, packing=packed, packing_max_length=capacity)

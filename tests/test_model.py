@@ -13,7 +13,7 @@ from llavakit.model.projector import (
     to_original,
 )
 from llavakit.train.dummy_image import add_dummy_image
-from llavakit.train.stages import configure_trainable
+from llavakit.train.stages import Stage
 
 
 @pytest.fixture()
@@ -44,22 +44,33 @@ def test_cls_patch_feature_keeps_cls(backbones):
 
 
 def test_stage_semantics(asm):
+    from types import SimpleNamespace
+
     m = asm.model
-    s1 = configure_trainable(m, tune_mm_mlp_adapter=True)
+    s1 = Stage("align")
+    s1.configure_trainable(m)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all("multi_modal_projector" in n for n in trainable) and "projector" in s1.name
-    configure_trainable(m, tune_mm_mlp_adapter=False)
+    assert s1.projector_only_saves and not s1.is_lora and s1.trainable == sum(
+        p.numel() for p in m.model.multi_modal_projector.parameters())
+    Stage("full").configure_trainable(m)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any("language_model" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
-    configure_trainable(m, tune_mm_mlp_adapter=False, freeze_backbone=True)
+    Stage("full", freeze_backbone=True).configure_trainable(m)
     assert all("multi_modal_projector" in n for n, p in m.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="nothing to train"):
-        configure_trainable(m, tune_mm_mlp_adapter=False, freeze_backbone=True, freeze_mm_mlp_adapter=True)
+        Stage("full", freeze_backbone=True, freeze_projector=True).configure_trainable(m)
+    # resolved once from the flags
+    flags = SimpleNamespace(tune_mm_mlp_adapter=False, freeze_backbone=False)
+    train = SimpleNamespace(lora_enable=True, bits=4, freeze_mm_mlp_adapter=False)
+    assert Stage.from_args(flags, train) == Stage("lora", 4)
+    assert Stage.from_args(SimpleNamespace(tune_mm_mlp_adapter=True, freeze_backbone=False),
+                           SimpleNamespace(lora_enable=False, bits=16, freeze_mm_mlp_adapter=False)).kind == "align"
 
 
 def test_text_only_batch_keeps_projector_in_graph_with_the_same_loss(asm):
     m = asm.model
-    configure_trainable(m, tune_mm_mlp_adapter=False)
+    Stage("full").configure_trainable(m)
     m.train()
     cfg = m.config
     batch = {"input_ids": torch.tensor([[1, 50, 60, 70, 2], [1, 80, 90, 0, 0]]),
@@ -122,7 +133,8 @@ def test_optimizer_groups_projector_lr_and_no_decay_on_bias_and_norms(asm, tmp_p
     from llavakit.train.trainer import LlavaTrainer
 
     m = asm.model
-    stage = configure_trainable(m, tune_mm_mlp_adapter=False)
+    stage = Stage("full")
+    stage.configure_trainable(m)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.1,
                              report_to="none")
     trainer = LlavaTrainer(model=m, args=args, train_dataset=[], stage=stage)

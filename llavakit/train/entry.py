@@ -183,7 +183,7 @@ def run(argv: list[str]) -> RunResult:
 
     from llavakit.model.build import build_model, load_parts, torch_dtype_for
     from llavakit.model.projector import load_projector
-    from llavakit.train.stages import configure_trainable, enable_activation_checkpointing
+    from llavakit.train.stages import Stage
 
     parts = load_parts(model_args.model_name_or_path, model_args.vision_tower,
                        select_layer=model_args.mm_vision_select_layer,
@@ -215,23 +215,8 @@ def run(argv: list[str]) -> RunResult:
     model.config.use_cache = False
     model.config.text_config.use_cache = False
 
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # norms and the other non-quantised weights in fp32 (as the original does)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # done below
-    lora = False
-    if train_args.lora_enable:
-        from llavakit.model.lora import apply_lora
-
-        model = apply_lora(model, train_args, train_projector=not train_args.freeze_mm_mlp_adapter)
-        lora = True
-    base = model.get_base_model() if lora else model
-    stage = configure_trainable(base, model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
-                                train_args.freeze_mm_mlp_adapter, lora=lora)
-    if train_args.activation_checkpointing:
-        enable_activation_checkpointing(base)
-        train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
+    stage = Stage.from_args(model_args, train_args)
+    model = stage.setup(model, train_args)
 
     if train_args.process_index == 0:  # only once the data and the model are known good
         save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,

@@ -36,7 +36,7 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
             tokenizer.save_pretrained(out)
             keep_sentencepiece_model(tokenizer, out)
         return
-    is_lora = hasattr(trainer.model, "peft_config")
+    is_lora = trainer.stage.is_lora
     if not is_lora:  # the saved config is for inference
         model.config.use_cache = True
         model.config.text_config.use_cache = True

@@ -1,10 +1,16 @@
-"""Stage semantics in one place: what trains, what stays frozen, what a save writes.
+"""Stage semantics in one place: which stage a run is, what trains, what a save writes.
 
-* stage 1 (``--tune_mm_mlp_adapter``): only the projector trains; saves write the projector alone
-  (``mm_projector.bin`` with the original's key names) plus the config;
-* stage 2 (full): projector + language model train (``--freeze_backbone`` freezes the language model,
+:class:`Stage` is resolved once from the flags and is the only thing the rest of training asks:
+
+* ``align`` — stage 1 (``--tune_mm_mlp_adapter``): only the projector trains; saves write the projector
+  alone (``mm_projector.bin`` with the original's key names) plus the config; DeepSpeed checkpoints leave
+  the frozen weights out and resume non-strictly;
+* ``full`` — stage 2: projector + language model train (``--freeze_backbone`` freezes the language model,
   ``--freeze_mm_mlp_adapter`` the projector); saves write the whole model;
-* the vision tower is always frozen (LLaVA-1.5 never trains it).
+* ``lora`` — stage 2 with LoRA (``--lora_enable``, ``--bits 4|8`` for QLoRA): peft adapters on the language
+  model, the projector trained fully beside them; saves write the adapter, the projector and the base record.
+
+The vision tower is always frozen (LLaVA-1.5 never trains it).
 """
 
 from __future__ import annotations
@@ -15,47 +21,84 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
+STAGE_NAMES = {"align": "stage 1 (projector only)", "full": "stage 2 (full)", "lora": "stage 2 (LoRA)"}
 
 
 @dataclass
 class Stage:
-    name: str
-    projector_only_saves: bool
-    trainable: int
-    total: int
+    kind: str  # "align" | "full" | "lora"
+    bits: int | None = None  # QLoRA: the language model quantised to 4 or 8 bits
+    freeze_backbone: bool = False
+    freeze_projector: bool = False
+    trainable: int = 0  # parameters, once :meth:`setup` ran
+    total: int = 0
+
+    @classmethod
+    def from_args(cls, model_args, train_args) -> Stage:
+        kind = "align" if model_args.tune_mm_mlp_adapter else "lora" if train_args.lora_enable else "full"
+        bits = train_args.bits if train_args.bits in (4, 8) else None
+        return cls(kind, bits, bool(model_args.freeze_backbone), bool(train_args.freeze_mm_mlp_adapter))
+
+    @property
+    def name(self) -> str:
+        return STAGE_NAMES[self.kind]
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind == "lora"
+
+    @property
+    def projector_only_saves(self) -> bool:
+        return self.kind == "align"
+
+    @staticmethod
+    def base(model):
+        """The Llava model itself, under a peft wrapper or not."""
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def setup(self, model, train_args):
+        """Prepare ``model`` for this stage (k-bit preparation, LoRA adapters, ``requires_grad``, activation
+        checkpointing); returns the model to train (a peft wrapper for LoRA)."""
+        if self.bits is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # norms and the other non-quantised weights in fp32 (as the original does); checkpointing below
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if self.is_lora:
+            from llavakit.model.lora import apply_lora
+
+            model = apply_lora(model, train_args, train_projector=not self.freeze_projector)
+        base = self.base(model)
+        self.configure_trainable(base)
+        if train_args.activation_checkpointing:
+            enable_activation_checkpointing(base)
+            train_args.activation_checkpointing = False  # done here; the Trainer must not redo it on the wrapper
+        return model
+
+    def configure_trainable(self, model) -> None:
+        """Set ``requires_grad`` for the stage and count what trains. The only place that decides it."""
+        inner = model.model
+        inner.vision_tower.requires_grad_(False)
+        projector = inner.multi_modal_projector
+        if self.kind == "align":
+            model.requires_grad_(False)
+            projector.requires_grad_(True)
+        elif self.kind == "full":
+            inner.language_model.requires_grad_(not self.freeze_backbone)
+            model.lm_head.requires_grad_(not self.freeze_backbone)
+            projector.requires_grad_(not self.freeze_projector)
+        # lora: peft has frozen the base and made the adapters and the projector copy (modules_to_save) trainable
+        inner.vision_tower.requires_grad_(False)
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in model.parameters())
+        if self.trainable == 0:
+            raise ValueError("nothing to train: every parameter is frozen (check --freeze_backbone and "
+                             "--freeze_mm_mlp_adapter)")
+        logger.info(self.describe())
 
     def describe(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         return f"{self.name}: {self.trainable:,} of {self.total:,} parameters train ({pct:.2f}%)"
-
-
-def configure_trainable(model, tune_mm_mlp_adapter: bool, freeze_backbone: bool = False,
-                        freeze_mm_mlp_adapter: bool = False, lora: bool = False) -> Stage:
-    """Set ``requires_grad`` for the stage and return what it means. The only place that decides it."""
-    inner = model.model
-    inner.vision_tower.requires_grad_(False)
-    projector = inner.multi_modal_projector
-    if tune_mm_mlp_adapter:
-        model.requires_grad_(False)
-        projector.requires_grad_(True)
-        name = "stage 1 (projector only)"
-    elif lora:
-        # peft has frozen the base and made the adapters and the projector copy (modules_to_save) trainable
-        name = "stage 2 (LoRA)"
-    else:
-        inner.language_model.requires_grad_(not freeze_backbone)
-        model.lm_head.requires_grad_(not freeze_backbone)
-        projector.requires_grad_(not freeze_mm_mlp_adapter)
-        name = "stage 2 (full)"
-    inner.vision_tower.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    if trainable == 0:
-        raise ValueError("nothing to train: every parameter is frozen (check --freeze_backbone and "
-                         "--freeze_mm_mlp_adapter)")
-    stage = Stage(name, tune_mm_mlp_adapter, trainable, total)
-    logger.info(stage.describe())
-    return stage
 
 
 def _outputs_require_grad(module, inputs, output):

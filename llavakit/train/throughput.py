@@ -52,7 +52,9 @@ class ModelFlops:
 
     @classmethod
     def of(cls, model, num_image_tokens: int) -> ModelFlops:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from llavakit.train.stages import Stage
+
+        base = Stage.base(model)
         lm, vis, proj, adapters, lm_trained, lm_frozen = base.model.language_model, base.model.vision_tower, \
             base.model.multi_modal_projector, 0, 0, 0
         lm_params = list(lm.named_parameters()) + [("lm_head." + n, p) for n, p in base.lm_head.named_parameters()]

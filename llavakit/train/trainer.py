@@ -71,7 +71,7 @@ class LlavaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.stage = stage
         unwrapped = self.model
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        base = stage.base(unwrapped)
         self.llava = base
         cfg = base.config
         vcfg = cfg.vision_config
@@ -269,7 +269,7 @@ class LlavaTrainer(Trainer):
             load_projector(self.llava.model.multi_modal_projector, projector_file)
             return
         full = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in FULL_WEIGHT_FILES)
-        if full and not hasattr(self.model, "peft_config") and not self.is_deepspeed_enabled:
+        if full and not self.stage.is_lora and not self.is_deepspeed_enabled:
             self._load_full_weights(resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
