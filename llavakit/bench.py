@@ -147,8 +147,9 @@ def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | N
     import tempfile
     from pathlib import Path
 
+    from llavakit.config import RunConfig
     from llavakit.demo.backbones import tiny_clip, tiny_llama, train_tokenizer
-    from llavakit.train.entry import run
+    from llavakit.train import run
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="llavakit-bench-") as tmp:
@@ -175,19 +176,17 @@ def bench_train(steps: int = 12, batch: int = 8, seed: int = 0, workdir: str | N
         records.append(rec)
     (root / "data.json").write_text(json.dumps(records))
     out = {}
-    packed = ["--packing", "True"]
-    variants = (("padded", "sdpa", []), ("packed", "sdpa", [*packed, "--packing_max_length", str(batch * rows_of)]),
-                ("packed_rows", "sdpa", [*packed, "--packing_max_length", str(rows_of)]),
+    packed = {"packing": True}
+    variants = (("padded", "sdpa", {}), ("packed", "sdpa", {**packed, "packing_max_length": batch * rows_of}),
+                ("packed_rows", "sdpa", {**packed, "packing_max_length": rows_of}),
                 ("packed_varlen", "torch_varlen", packed))
     for name, attn, extra in variants:
-        res = run(["--model_name_or_path", str(llm), "--vision_tower", str(clip), "--version", "v1",
-                   "--data_path", str(root / "data.json"), "--image_folder", str(root / "images"),
-                   "--output_dir", str(root / name), "--max_steps", str(steps), "--per_device_train_batch_size",
-                   str(batch), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
-                   "--learning_rate", "1e-4", "--seed", str(seed), "--attn_implementation", attn,
-                   "--model_max_length", str(rows_of),
-                   "--group_by_modality_length", "True", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
-                   *extra])
+        res = run(RunConfig.from_options(
+            model_name_or_path=llm, vision_tower=clip, version="v1", data_path=root / "data.json",
+            image_folder=root / "images", output_dir=root / name, max_steps=steps,
+            per_device_train_batch_size=batch, logging_steps=1, save_strategy="no", report_to="none",
+            learning_rate=1e-4, seed=seed, attn_implementation=attn, model_max_length=rows_of,
+            group_by_modality_length=True, dataloader_num_workers=0, disable_tqdm=True, **extra))
         logs = [h for h in res.trainer.state.log_history if "real_tokens_per_second" in h][1:]  # warm-up out
         out[f"{name}_real_tokens_per_second"] = round(float(np.mean([h["real_tokens_per_second"] for h in logs])), 1)
         out[f"{name}_real_token_fraction"] = round(float(np.mean([h["real_token_fraction"] for h in logs])), 4)

@@ -124,8 +124,13 @@ def _yaml_to_argv(path: str) -> list[str]:
         raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
+    return options_to_argv(data)
+
+
+def options_to_argv(options: dict[str, Any]) -> list[str]:
+    """``{"learning_rate": 2e-5, "bf16": True, ...}`` as flags (a YAML file's keys, or Python keywords)."""
     argv: list[str] = []
-    for key, value in data.items():
+    for key, value in options.items():
         flag = "--" + str(key).lstrip("-")
         if isinstance(value, list):
             argv += [flag, *[str(v) for v in value]]
@@ -190,6 +195,33 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
         raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `llavakit train --help`)")
     validate_args(model_args, data_args, train_args)
     return model_args, data_args, train_args
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, typed: what ``llavakit train`` flags, a YAML file, or Python keywords
+    resolve to. ``llavakit.train.run(config)`` runs it."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainingArguments
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> RunConfig:
+        """From ``llavakit train`` arguments (a leading YAML file, the original's and the Trainer's flags)."""
+        return cls(*parse_train_args(argv))
+
+    @classmethod
+    def from_options(cls, **options: Any) -> RunConfig:
+        """From keyword options named as the flags: ``RunConfig.from_options(model_name_or_path=...,
+        data_path=..., version="v1", learning_rate=2e-5, bf16=True)``."""
+        return cls.from_argv(options_to_argv(options))
+
+    def validate(self) -> None:
+        validate_args(self.model, self.data, self.train)
+
+    def save(self, path: str) -> None:
+        save_resolved_config(path, self.model, self.data, self.train)
 
 
 def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> None:

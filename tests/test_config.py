@@ -103,3 +103,23 @@ def test_a_moved_internal_is_reported(monkeypatch):
         ("transformers.Trainer._save", ("output_dir", "no_such_param"), "y")))
     problems = internals.check_internals()
     assert len(problems) == 2 and "is gone" in problems[0] and "no_such_param" in problems[1]
+
+
+def test_run_config_from_options_flags_and_yaml_are_one(tmp_path, train_data, backbones):
+    """The typed API: keyword options, flags and a YAML file resolve to the same RunConfig."""
+    from llavakit.config import RunConfig
+
+    opts = {"model_name_or_path": backbones["llm"], "vision_tower": backbones["clip"], "version": "plain",
+            "data_path": train_data["captions"], "image_folder": train_data["images"],
+            "output_dir": str(tmp_path / "o"), "tune_mm_mlp_adapter": True, "learning_rate": 1e-3,
+            "evaluation_strategy": "no", "report_to": "none"}
+    a = RunConfig.from_options(**opts)
+    b = RunConfig.from_argv([x for k, v in opts.items() for x in (f"--{k}", str(v))])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(opts))
+    c = RunConfig.from_argv([str(tmp_path / "run.yaml")])
+    assert a.model == b.model == c.model and a.data == b.data == c.data
+    assert a.train.learning_rate == b.train.learning_rate == c.train.learning_rate == 1e-3
+    assert a.train.eval_strategy == "no"
+    a.train.lora_enable = True  # a contradiction made in Python is caught when the run validates it
+    with pytest.raises(ConfigError, match="contradicts --lora_enable"):
+        a.validate()

@@ -131,10 +131,6 @@ def chat_about(predictor, image: str, questions: list[str]) -> list[dict]:
     return turns
 
 
-def _train_flags(**flags) -> list[str]:
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-
-
 def _loss_history(out: Path) -> list[tuple[int, float]]:
     state = json.loads((out / "trainer_state.json").read_text())
     return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
@@ -201,7 +197,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
                                     num_classes=tuple(len(a) for a in QUADRANT_ATTRIBUTES), seed=seed,
                                     progress=p.loop("vision tower"))
 
-    from llavakit.train.entry import run as train
+    from llavakit.config import RunConfig
+    from llavakit.train import run as train
 
     common = dict(model_name_or_path=llm_dir, vision_tower=clip_dir, image_folder=image_root,
                   mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_use_im_start_end=False,
@@ -210,13 +207,13 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
                   dataloader_num_workers=0, report_to="none", seed=seed, disable_tqdm=True)
     p.step("3/5 stage 1: feature alignment (projector only, --version plain)")
     s1 = out / "stage1"
-    _stop_if_interrupted(train(_train_flags(
+    _stop_if_interrupted(train(RunConfig.from_options(
         **common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True, output_dir=s1,
         num_train_epochs=cfg.stage1_epochs, per_device_train_batch_size=cfg.stage1_batch,
         learning_rate=cfg.stage1_lr, logging_steps=5)))
     p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)")
     s2 = out / "stage2"
-    _stop_if_interrupted(train(_train_flags(
+    _stop_if_interrupted(train(RunConfig.from_options(
         **common, version="v1", data_path=files["instruct"], pretrain_mm_mlp_adapter=s1 / "mm_projector.bin",
         image_aspect_ratio="pad", group_by_modality_length=True, length_group_steps=cfg.length_group_steps,
         packing=cfg.packing, output_dir=s2,

@@ -13,7 +13,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llavakit.config import RunConfig
 
 logger = logging.getLogger("llavakit.train")
 
@@ -173,10 +176,15 @@ class RunResult:
     stopped: str | None = None  # the signal that stopped the run early (a checkpoint was saved)
 
 
-def run(argv: list[str]) -> RunResult:
-    from llavakit.config import parse_train_args, save_resolved_config
+def run(config: RunConfig | list[str]) -> RunResult:
+    """Train: a :class:`llavakit.config.RunConfig`, or ``llavakit train`` arguments that resolve to one."""
+    from llavakit.config import RunConfig
 
-    model_args, data_args, train_args = parse_train_args(argv)
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_argv(list(config))
+    else:
+        config.validate()
+    model_args, data_args, train_args = config.model, config.data, config.train
     _setup_logging(train_args)
     resume = resolve_resume(train_args)
     t0 = time.time()
@@ -219,8 +227,7 @@ def run(argv: list[str]) -> RunResult:
     model = stage.setup(model, train_args)
 
     if train_args.process_index == 0:  # only once the data and the model are known good
-        save_resolved_config(os.path.join(train_args.output_dir, RESOLVED_CONFIG), model_args, data_args,
-                             train_args)
+        config.save(os.path.join(train_args.output_dir, RESOLVED_CONFIG))
     from llavakit.data.dataset import BadSampleGuard
     from llavakit.train.callbacks import DataQualityCallback, SummaryCallback
     from llavakit.train.checkpoints import StopOnSignal, StopRequest
