@@ -91,6 +91,28 @@ def test_text_only_batch_keeps_projector_in_graph_with_the_same_loss(asm):
     assert add_dummy_image(with_images, 1, 4, (3, 28, 28), 0, torch.float32) is with_images
 
 
+def test_prepare_batch_is_pure_and_counts_what_the_batch_carries():
+    """The batch's host-side bookkeeping leaves as counts; the model gets only its inputs; nothing else changes."""
+    from llavakit.train.batch import BatchPlan, prepare_batch
+
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+             "labels": torch.tensor([[-100, 5, 6, -100], [-100, 7, 8, 9]]),
+             "pixel_values": torch.full((2, 3, 2, 2), 255, dtype=torch.uint8), "num_real_tokens": 7,
+             "num_samples": 2, "replaced": [{"index": 3, "id": "r3", "reason": "x"}]}
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    dummy = {"image_token_id": 9, "num_image_tokens": 4, "image_shape": (3, 2, 2), "pad_token_id": 0}
+    plan = BatchPlan(lambda px: px.float() / 255, torch.float32, dummy, varlen=False)
+    inputs, counts = prepare_batch(batch, plan, training=True)
+    assert set(inputs) == {"input_ids", "attention_mask", "labels", "pixel_values", "logits_to_keep", "shift_labels"}
+    assert inputs["pixel_values"].dtype == torch.float32 and float(inputs["pixel_values"].max()) == 1.0
+    assert (counts.samples, counts.real_tokens, counts.positions, counts.images) == (2, 7, 8, 2)
+    assert [r["id"] for r in counts.replaced] == ["r3"]
+    assert batch.keys() == before.keys() and all(
+        torch.equal(batch[k], before[k]) if torch.is_tensor(before[k]) else batch[k] == before[k] for k in batch)
+    evaluation, _ = prepare_batch(batch, plan, training=False)  # no loss-only inputs when not training
+    assert "logits_to_keep" not in evaluation
+
+
 def test_projector_original_format_round_trip(asm, tmp_path):
     proj = asm.model.model.multi_modal_projector
     state = proj.state_dict()

@@ -24,12 +24,11 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from llavakit.data.collate import scored_logits_kwargs, varlen_kwargs
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
-from llavakit.train.dummy_image import add_dummy_image
+from llavakit.train.batch import BatchCounts, BatchPlan, prepare_batch
 from llavakit.train.stages import PROJECTOR, Stage
 
 logger = logging.getLogger(__name__)
@@ -136,35 +135,23 @@ class LlavaTrainer(Trainer):
 
     # ---- step -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        real = inputs.pop("num_real_tokens", None)
-        num_samples = inputs.pop("num_samples", None)
-        replaced = inputs.pop("replaced", None) or []
+        tower_dtype = next(self.llava.model.vision_tower.parameters()).dtype
+        plan = BatchPlan(self.data_collator.transform.normalize, tower_dtype, self._dummy, self._varlen)
+        inputs, counts = prepare_batch(inputs, plan, training=model.training)
         if model.training:
-            self.samples_replaced += len(replaced)
-            if replaced:
-                self.last_replaced = replaced[-1]
-            if real is not None:
-                self.tokens_seen += int(real)
-            elif "attention_mask" in inputs:
-                self.tokens_seen += int(inputs["attention_mask"].sum())
-            self.samples_seen += int(num_samples) if num_samples is not None else int(inputs["input_ids"].shape[0])
-            self.tokens_processed += int(inputs["input_ids"].numel())
-            if inputs.get("pixel_values") is not None:
-                self.images_seen += int(inputs["pixel_values"].shape[0])
-        dtype = next(self.llava.model.vision_tower.parameters()).dtype
-        pixels = inputs.get("pixel_values")
-        if pixels is not None and pixels.dtype == torch.uint8:  # normalised here, on the device
-            inputs["pixel_values"] = self.data_collator.transform.normalize(pixels).to(dtype)
-        if model.training:
-            inputs = add_dummy_image(inputs, dtype=dtype, **self._dummy)
-            if inputs.get("labels") is not None:
-                inputs.update(scored_logits_kwargs(inputs["labels"]))
-        seq_lengths = inputs.pop("seq_lengths", None)
-        if seq_lengths is not None and self._varlen:
-            inputs.update(varlen_kwargs(seq_lengths, inputs["input_ids"].device))
+            self.count(counts)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def count(self, c: BatchCounts) -> None:
+        """Add a training micro-batch's counts (this process's; :meth:`global_counts` sums the ranks)."""
+        self.samples_seen += c.samples
+        self.tokens_seen += c.real_tokens
+        self.tokens_processed += c.positions
+        self.images_seen += c.images
+        self.samples_replaced += len(c.replaced)
+        if c.replaced:
+            self.last_replaced = c.replaced[-1]
 
     def global_counts(self) -> tuple[int, int, int]:
         """(samples, real tokens, replaced samples) seen so far, summed over ranks (a collective: every rank
