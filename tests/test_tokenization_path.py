@@ -273,8 +273,8 @@ CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}
 
 @pytest.mark.parametrize("name", ["image_first", "multi_turn", "two_images", "text_only"])
 def test_the_tokenizers_own_chat_template_through_llavakit(tok, tiny_model, name):
-    """``--version chat_template``: llavakit's inference builds training's ids (plain transformers does only
-    where the tokenizer needs no separator; the README says what to do otherwise)."""
+    """``--version chat_template``: the tokenizer's own template, saved wrapped with the separator: llavakit's
+    inference and plain transformers both build training's ids."""
     eos = tok.eos_token
     tok.chat_template, tok.eos_token = CHATML_JINJA, "<|im_end|>"  # the template's end of turn
     try:
@@ -282,5 +282,7 @@ def test_the_tokenizers_own_chat_template_through_llavakit(tok, tiny_model, name
         messages, expected = prompt_and_expected(tok, "chat_template", turns, n_images)
         pred = predictor_for(tok, tiny_model, "chat_template")
         assert pred._inputs([pred.render(messages)], images(n_images))["input_ids"][0].tolist() == expected
+        text = pred.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert list(pred.processor(text=[text], images=images(n_images) or None)["input_ids"][0]) == expected
     finally:
         tok.chat_template, tok.eos_token = None, eos
