@@ -286,8 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("run", help="predict with LLaVA-1.5's prompts and score, for one or more benchmarks")
     _add_model_args(p)
     p.add_argument("--benchmark", required=True, action="append",
-                   help="pope, mme, scienceqa, mmbench, llava-bench, textvqa, gqa, vqav2, vizwiz, seed, mm-vet "
-                        "(repeat or comma-separate)")
+                   help=", ".join(BENCHMARKS) + " (repeat or comma-separate)")
     _opt(p, "data-root", default="./playground/data/eval")
     _opt(p, "output-dir", default="./eval-results")
     _opt(p, "batch-size", type=int, default=8)

@@ -19,9 +19,9 @@ mm-vet          P: ``mm-vet.json``; judged by GPT (``--judge-*``), reviews writt
 from __future__ import annotations
 
 from llavakit.eval import llava_bench, mmbench, mme, mmvet, pope, scienceqa, seed, vqa
+from llavakit.eval.run import BENCHMARKS as REGISTRY
 
-BENCHMARKS = ("pope", "mme", "scienceqa", "mmbench", "llava-bench", "textvqa", "gqa", "vqav2", "vizwiz", "seed",
-              "mm-vet")
+BENCHMARKS = tuple(REGISTRY)  # the names, from the one registry (eval/run.py)
 
 
 def score_benchmark(benchmark: str, answers_file: str | list[str], question_file: str | None = None,
