@@ -15,6 +15,7 @@ a silently masked sample that trains on loss 0.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -318,12 +319,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def _tokenizer_problem(name_or_path: str, error: BaseException) -> str:
-    import os
+def looks_local(name_or_path: str) -> bool:
+    """A path on this machine rather than a hub repository id (``owner/name``)."""
+    return (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+            or name_or_path.count("/") > 1 or "\\" in name_or_path)
 
+
+def _tokenizer_problem(name_or_path: str, error: BaseException) -> str:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if not os.path.isdir(name_or_path):
-        if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        if looks_local(name_or_path):
             return f"{name_or_path}: no such tokenizer directory"
         return f"{name_or_path}: cannot load its tokenizer from the hub or the local cache ({first_line})"
     files = set(os.listdir(name_or_path))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from llavakit import IMAGE_PLACEHOLDER
+from llavakit.data.tokenize import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ class Assembled:
     tokenizer: Any
     image_processor: Any
     num_image_tokens: int
-
-
-def looks_local(name_or_path: str) -> bool:
-    """A path on this machine rather than a hub repository id (``owner/name``)."""
-    return (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
-            or name_or_path.count("/") > 1 or "\\" in name_or_path)
 
 
 def _config_problem(name_or_path: str, error: BaseException, what: str) -> ModelLoadError:
