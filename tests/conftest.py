@@ -224,32 +224,65 @@ SHRINK = {"deepspeed": None, "per_device_train_batch_size": "4", "dataloader_num
           "report_to": "none", "bf16": None, "seed": "0"}
 
 
-def _flags(script: str, backbones, data, out, paths: dict, over: dict) -> list[str]:
+def _options(script: str, backbones, data, out, paths: dict, over: dict) -> dict[str, str]:
     flags = script_flags(script)
     flags.update(SHRINK)
     flags.update({"model_name_or_path": backbones["llm"], "vision_tower": backbones["clip"],
                   "image_folder": data["images"], "output_dir": str(out), **paths})
     flags.update({k: None if v is None else str(v) for k, v in over.items()})
-    return [x for k, v in flags.items() if v is not None for x in (f"--{k}", v)]
+    return {k: v for k, v in flags.items() if v is not None}
 
 
+def _stage1(backbones, data, out, over) -> dict[str, str]:
+    return _options("pretrain", backbones, data, out, {"data_path": data["captions"]}, over)
+
+
+def _stage2(backbones, data, out, projector, over) -> dict[str, str]:
+    over.setdefault("per_device_train_batch_size", "2")
+    return _options("finetune", backbones, data, out, {"data_path": data["instruct"],
+                                                       "pretrain_mm_mlp_adapter": str(projector)}, over)
+
+
+def _lora(backbones, data, out, projector, over) -> dict[str, str]:
+    over.setdefault("per_device_train_batch_size", "2")
+    return _options("finetune_lora", backbones, data, out, {"data_path": data["instruct"],
+                                                            "pretrain_mm_mlp_adapter": str(projector)}, over)
+
+
+def _argv(options: dict[str, str]) -> list[str]:
+    return [x for k, v in options.items() for x in (f"--{k}", v)]
+
+
+def _config(options: dict[str, str]):
+    from llavakit.config import RunConfig
+
+    return RunConfig.from_options(**options)
+
+
+# the shipped scripts' flags (scripts/v1_5/*.sh), paths and sizes shrunk: as `llavakit train` arguments
+# (*_flags, for the CLI and launchers) or as the typed RunConfig that llavakit.train.run takes (*_config)
 def stage1_flags(backbones, data, out, **over) -> list[str]:
-    """The shipped scripts/v1_5/pretrain.sh flags, paths and sizes shrunk."""
-    return _flags("pretrain", backbones, data, out, {"data_path": data["captions"]}, over)
+    return _argv(_stage1(backbones, data, out, over))
+
+
+def stage1_config(backbones, data, out, **over):
+    return _config(_stage1(backbones, data, out, over))
 
 
 def stage2_flags(backbones, data, out, projector, **over) -> list[str]:
-    """The shipped scripts/v1_5/finetune.sh flags, paths and sizes shrunk."""
-    over.setdefault("per_device_train_batch_size", "2")
-    return _flags("finetune", backbones, data, out, {"data_path": data["instruct"],
-                                                     "pretrain_mm_mlp_adapter": str(projector)}, over)
+    return _argv(_stage2(backbones, data, out, projector, over))
+
+
+def stage2_config(backbones, data, out, projector, **over):
+    return _config(_stage2(backbones, data, out, projector, over))
 
 
 def lora_flags(backbones, data, out, projector, **over) -> list[str]:
-    """The shipped scripts/v1_5/finetune_lora.sh flags, paths and sizes shrunk."""
-    over.setdefault("per_device_train_batch_size", "2")
-    return _flags("finetune_lora", backbones, data, out, {"data_path": data["instruct"],
-                                                          "pretrain_mm_mlp_adapter": str(projector)}, over)
+    return _argv(_lora(backbones, data, out, projector, over))
+
+
+def lora_config(backbones, data, out, projector, **over):
+    return _config(_lora(backbones, data, out, projector, over))
 
 
 # ---- trained outputs shared by the training, inference and conversion tests -----------------------
@@ -264,7 +297,7 @@ def stage1(backbones, train_data, tmp_path_factory):
     from llavakit.train.entry import run
 
     before = _snapshot(assemble(backbones["llm"], backbones["clip"]).model)
-    res = run(stage1_flags(backbones, train_data, out))
+    res = run(stage1_config(backbones, train_data, out))
     return {"out": out, "result": res, "before": before}
 
 
@@ -287,7 +320,7 @@ def lora_run(backbones, train_data, stage1, tmp_path_factory):
     from llavakit.train.entry import run
 
     out = tmp_path_factory.mktemp("lora")
-    res = run(lora_flags(backbones, train_data, out, stage1["out"] / "mm_projector.bin", max_steps=3))
+    res = run(lora_config(backbones, train_data, out, stage1["out"] / "mm_projector.bin", max_steps=3))
     return {"out": out, "result": res}
 
 

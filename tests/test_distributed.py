@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import assert_same_losses, free_port, logged_losses, stage2_flags
+from .conftest import assert_same_losses, free_port, logged_losses, stage2_config, stage2_flags
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_ddp_packed_modality_grouped_equals_a_single_padded_process(backbones, t
 
     common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="True", logging_steps=1, max_steps=4,
                   save_strategy="no")
-    single = run(stage2_flags(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=4,
+    single = run(stage2_config(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=4,
                               **common))
     ref = {h["step"]: h["loss"] for h in single.trainer.state.log_history if "loss" in h}
     out = tmp_path / "ddp_packed"
@@ -182,7 +182,7 @@ def test_ddp_losses_equal_a_single_process(backbones, train_data, tmp_path):
 
     common = dict(pretrain_mm_mlp_adapter=None, group_by_modality_length="True", logging_steps=1, max_steps=4,
                   save_strategy="no")
-    single = run(stage2_flags(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=2,
+    single = run(stage2_config(backbones, train_data, tmp_path / "single", "", per_device_train_batch_size=2,
                               **common))
     ref = {h["step"]: h["loss"] for h in single.trainer.state.log_history if "loss" in h}
     out = tmp_path / "ddp"

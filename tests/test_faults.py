@@ -12,7 +12,7 @@ import pytest
 
 from llavakit.train.checkpoints import STAGING
 
-from .conftest import assert_same_losses, free_port, logged_losses, stage1_flags
+from .conftest import assert_same_losses, free_port, logged_losses, stage1_config, stage1_flags
 
 #: runs llavakit train with a fault injected from outside the library (argv[1]: the flags as JSON)
 CHILD = r"""
@@ -61,7 +61,7 @@ def reference(backbones, train_data, tmp_path_factory):
     from llavakit.train.entry import run
 
     out = tmp_path_factory.mktemp("ref")
-    run(stage1_flags(backbones, train_data, out, **COMMON, save_total_limit=1))
+    run(stage1_config(backbones, train_data, out, **COMMON, save_total_limit=1))
     return logged_losses(out)
 
 
@@ -86,7 +86,7 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint_and_resumes(backbones, t
 
     from llavakit.train.entry import run
 
-    resumed = run(stage1_flags(backbones, train_data, out, **COMMON, save_total_limit=1,
+    resumed = run(stage1_config(backbones, train_data, out, **COMMON, save_total_limit=1,
                                resume_from_checkpoint="latest"))
     assert resumed.stopped is None and (out / "mm_projector.bin").is_file()
     got = logged_losses(out)
@@ -111,7 +111,7 @@ def test_signal_saves_a_checkpoint_and_stops_cleanly(backbones, train_data, refe
 
     from llavakit.train.entry import run
 
-    run(stage1_flags(backbones, train_data, out, **{**COMMON, "save_steps": 100}, save_total_limit=1,
+    run(stage1_config(backbones, train_data, out, **{**COMMON, "save_steps": 100}, save_total_limit=1,
                      resume_from_checkpoint="latest"))
     got = logged_losses(out)
     assert sorted(got) == sorted(reference)

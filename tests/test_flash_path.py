@@ -11,7 +11,7 @@ from llavakit.data.collate import LlavaCollator, pack_rows, varlen_kwargs
 from llavakit.train.entry import run
 
 from . import flash_reference
-from .conftest import instruct_samples, stage2_flags, training_logs
+from .conftest import instruct_samples, stage2_config, stage2_flags, training_logs
 
 
 @pytest.fixture(scope="module", params=["flash_reference", "torch_varlen"])
@@ -99,10 +99,10 @@ def test_flash_packed_training_matches_padded(backbones, train_data, stage1, tmp
     common = dict(max_steps=6, logging_steps=1, group_by_modality_length="True", per_device_train_batch_size=2,
                   save_strategy="no")
     projector = stage1["out"] / "mm_projector.bin"
-    run(stage2_flags(backbones, train_data, tmp_path / "padded", projector, attn_implementation="sdpa",
+    run(stage2_config(backbones, train_data, tmp_path / "padded", projector, attn_implementation="sdpa",
                      model_max_length=rows_of or 2048, **common))
     extra = {"packing_max_length": rows_of, "model_max_length": rows_of} if rows_of else {}
-    run(stage2_flags(backbones, train_data, tmp_path / "packed", projector, attn_implementation=flash,
+    run(stage2_config(backbones, train_data, tmp_path / "packed", projector, attn_implementation=flash,
                      packing="True", **extra, **common))
     assert flash_reference.calls["varlen"] > 0 and flash_reference.calls["dense"] == 0
     a, b = training_logs(tmp_path / "padded"), training_logs(tmp_path / "packed")
@@ -115,13 +115,13 @@ def test_flash_packed_lora_training_matches_padded(backbones, train_data, stage1
                                                    no_position_inference):
     """LoRA (the boundaries pass through the peft wrapper) with activation checkpointing, as
     scripts/v1_5/finetune_lora.sh runs it: packed under FlashAttention = padded."""
-    from .conftest import lora_flags
+    from .conftest import lora_config
 
     common = dict(max_steps=4, logging_steps=1, group_by_modality_length="True", per_device_train_batch_size=2,
                   save_strategy="no", lora_dropout=0.0, gradient_checkpointing="True")
     projector = stage1["out"] / "mm_projector.bin"
-    run(lora_flags(backbones, train_data, tmp_path / "padded", projector, attn_implementation="sdpa", **common))
-    run(lora_flags(backbones, train_data, tmp_path / "packed", projector, attn_implementation=flash,
+    run(lora_config(backbones, train_data, tmp_path / "padded", projector, attn_implementation="sdpa", **common))
+    run(lora_config(backbones, train_data, tmp_path / "packed", projector, attn_implementation=flash,
                    packing="True", **common))
     assert flash_reference.calls["varlen"] > 0 and flash_reference.calls["dense"] == 0
     a, b = training_logs(tmp_path / "padded"), training_logs(tmp_path / "packed")

@@ -23,7 +23,15 @@ from PIL import Image
 
 from llavakit.cli import main as cli
 
-from .conftest import make_image, serving, stage1_flags, stage2_flags, write_json, write_jsonl
+from .conftest import (
+    make_image,
+    serving,
+    stage1_config,
+    stage1_flags,
+    stage2_flags,
+    write_json,
+    write_jsonl,
+)
 from .test_data_tools import FileServer
 
 
@@ -142,7 +150,7 @@ def test_a_projector_file_with_objects_is_refused_without_suggesting_unsafe_load
 def test_the_stage1_summary_without_logged_loss(backbones, train_data, tmp_path, capsys):
     from llavakit.train.entry import run
 
-    res = run(stage1_flags(backbones, train_data, tmp_path / "s1", max_steps=1, logging_steps=10))
+    res = run(stage1_config(backbones, train_data, tmp_path / "s1", max_steps=1, logging_steps=10))
     out = capsys.readouterr().out
     assert "None -> None" not in out and "none logged" in out and res.summary["steps"] == 1
 

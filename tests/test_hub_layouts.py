@@ -19,7 +19,14 @@ from llavakit import IGNORE_INDEX
 from llavakit.cli import main as cli
 from llavakit.model.convert import read_weights
 
-from .conftest import lora_flags, serving, stage1_flags, stage2_flags, write_jsonl
+from .conftest import (
+    lora_config,
+    serving,
+    stage1_config,
+    stage2_config,
+    stage2_flags,
+    write_jsonl,
+)
 
 
 def hub_backbones(hub) -> dict:
@@ -32,7 +39,7 @@ def hub_stage1(hub, train_data, tmp_path_factory):
     from llavakit.train.entry import run
 
     out = tmp_path_factory.mktemp("hub_stage1")
-    run(stage1_flags(hub_backbones(hub), train_data, out, max_steps=2))
+    run(stage1_config(hub_backbones(hub), train_data, out, max_steps=2))
     return out
 
 
@@ -52,7 +59,7 @@ def hub_lora(hub, train_data, tmp_path_factory):
     from llavakit.train.entry import run
 
     out = tmp_path_factory.mktemp("hub_lora")
-    run(lora_flags(hub_backbones(hub), train_data, out, hub["projector"]["path"], max_steps=2))
+    run(lora_config(hub_backbones(hub), train_data, out, hub["projector"]["path"], max_steps=2))
     return out
 
 
@@ -272,9 +279,8 @@ def test_fine_tuning_a_llava_hf_checkpoint_on_own_data(hub, train_data, tmp_path
     from llavakit.train.entry import run
 
     out = tmp_path / "ft"
-    flags = stage2_flags({"llm": hub["llava_hf"]["dir"], "clip": None}, train_data, out, None, max_steps=2,
-                         vision_tower=None, pretrain_mm_mlp_adapter=None)
-    run(flags)
+    run(stage2_config({"llm": hub["llava_hf"]["dir"], "clip": None}, train_data, out, None, max_steps=2,
+                      vision_tower=None, pretrain_mm_mlp_adapter=None))
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.image_token_index == hub["llava_hf"]["image_token_index"]
     assert (out / "tokenizer.model").is_file()

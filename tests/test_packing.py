@@ -10,7 +10,7 @@ from llavakit import IGNORE_INDEX
 from llavakit.data.collate import LlavaCollator, pack_rows
 from llavakit.train.entry import run
 
-from .conftest import instruct_samples, stage2_flags, training_logs
+from .conftest import instruct_samples, stage2_config, training_logs
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +78,16 @@ def test_packed_images_follow_the_rows(model_and_samples):
 def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_path, stage):
     """The same steps, same samples per step: the same losses; only the padding is gone (stage 2 full and
     LoRA on mixed image / text-only batches, stage 1 on captions)."""
-    from .conftest import lora_flags, stage1_flags
+    from .conftest import lora_config, stage1_config, stage2_config
 
     common = dict(max_steps=4, logging_steps=1, group_by_modality_length="False", per_device_train_batch_size=4,
                   attn_implementation="sdpa", save_strategy="no")
     projector = stage1["out"] / "mm_projector.bin"
     if stage == "stage1":
         def flags(out, **kw):
-            return stage1_flags(backbones, train_data, out, **kw)
+            return stage1_config(backbones, train_data, out, **kw)
     else:
-        make = lora_flags if stage == "lora" else stage2_flags
+        make = lora_config if stage == "lora" else stage2_config
         if stage == "lora":
             common["lora_dropout"] = 0.0  # dropout masks follow the tensor shapes, which packing changes
 
@@ -107,7 +107,7 @@ def test_packed_training_run_matches_padded(backbones, train_data, stage1, tmp_p
 
 
 def test_mfu_is_logged_with_a_peak(backbones, train_data, stage1, tmp_path):
-    run(stage2_flags(backbones, train_data, tmp_path / "o", stage1["out"] / "mm_projector.bin", max_steps=2,
+    run(stage2_config(backbones, train_data, tmp_path / "o", stage1["out"] / "mm_projector.bin", max_steps=2,
                      logging_steps=1, peak_tflops=1.0))
     logs = training_logs(tmp_path / "o")
     assert all(h["mfu"] > 0 for h in logs)

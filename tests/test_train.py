@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from llavakit.model.projector import PROJECTOR_BIN
 from llavakit.train.entry import run
 
-from .conftest import make_image, stage1_flags, stage2_flags
+from .conftest import make_image, stage1_config, stage2_config, stage2_flags
 
 
 def test_stage1_trains_only_the_projector(stage1):
@@ -114,7 +114,7 @@ def test_vicuna_generation_config_1144_still_saves(backbones, train_data, tmp_pa
     with pytest.raises(ValueError):
         loaded.save_pretrained(tmp_path / "check")
     out = tmp_path / "out"
-    run(stage2_flags({**backbones, "llm": str(llm)}, train_data, out, "", pretrain_mm_mlp_adapter=None,
+    run(stage2_config({**backbones, "llm": str(llm)}, train_data, out, "", pretrain_mm_mlp_adapter=None,
                      save_steps=2, max_steps=2))
     gc = GenerationConfig.from_pretrained(out)
     assert gc.temperature in (None, 1.0) and gc.top_p in (None, 1.0)
@@ -141,7 +141,7 @@ def test_bad_image_mid_run_is_replaced_and_reported(backbones, train_data, tmp_p
     shutil.copytree(train_data["images"], images)
     (images / "coco" / "5.jpg").write_bytes(b"corrupt")
     data["images"] = str(images)
-    res = run(stage1_flags(backbones, data, tmp_path / "o", max_bad_fraction=0.5))
+    res = run(stage1_config(backbones, data, tmp_path / "o", max_bad_fraction=0.5))
     lines = (tmp_path / "o" / "bad_samples.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["cap5"]
     assert res.summary["replaced_samples"] == 1
@@ -168,9 +168,9 @@ def test_bad_samples_are_counted_from_worker_processes(backbones, train_data, tm
 
     data = four_bad_images(train_data, tmp_path)
     with pytest.raises(DataQualityError, match="of .* samples seen failed to load"):
-        run(stage1_flags(backbones, data, tmp_path / "strict", max_bad_fraction=0.2,
+        run(stage1_config(backbones, data, tmp_path / "strict", max_bad_fraction=0.2,
                          dataloader_num_workers=workers))
-    res = run(stage1_flags(backbones, data, tmp_path / "loose", max_bad_fraction=0.5,
+    res = run(stage1_config(backbones, data, tmp_path / "loose", max_bad_fraction=0.5,
                            dataloader_num_workers=workers))
     lines = (tmp_path / "loose" / "bad_samples.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["id"] for x in lines) == ["cap1", "cap10", "cap13", "cap6"]
@@ -179,7 +179,7 @@ def test_bad_samples_are_counted_from_worker_processes(backbones, train_data, tm
 
 def test_continue_from_a_llava_checkpoint_needs_no_vision_tower(stage2, backbones, train_data, tmp_path):
     """The original's finetune_task.sh: --model_name_or_path is a (transformers-native) LLaVA checkpoint."""
-    res = run(stage2_flags(backbones, train_data, tmp_path / "task", "", pretrain_mm_mlp_adapter=None,
+    res = run(stage2_config(backbones, train_data, tmp_path / "task", "", pretrain_mm_mlp_adapter=None,
                            model_name_or_path=str(stage2["out"]), vision_tower=None, max_steps=2))
     assert res.summary["steps"] == 2
     from transformers import LlavaForConditionalGeneration
@@ -239,7 +239,7 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(backbones, train_d
     """Stage 1 with the scripts' checkpointing (the stage1 fixture) and without it: the same losses."""
     from .conftest import logged_losses
 
-    run(stage1_flags(backbones, train_data, tmp_path / "plain", gradient_checkpointing="False"))
+    run(stage1_config(backbones, train_data, tmp_path / "plain", gradient_checkpointing="False"))
     ref, got = logged_losses(stage1["out"]), logged_losses(tmp_path / "plain")
     assert sorted(ref) == sorted(got) and len(ref) >= 2
     assert all(abs(ref[k] - got[k]) < 1e-5 for k in ref), (ref, got)

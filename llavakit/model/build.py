@@ -24,6 +24,7 @@ import torch
 
 from llavakit import IMAGE_PLACEHOLDER
 from llavakit.data.tokenize import looks_local
+from llavakit.internals import name_attention_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         model.config.text_config = llm.config
         model.config.vision_config = vision.config
         if attn_implementation:
-            model.config._attn_implementation = attn_implementation
+            name_attention_kernel(model.config, attn_implementation)
         if getattr(llm, "generation_config", None) is not None:
             model.generation_config = llm.generation_config
         _check_no_meta(model)

@@ -49,6 +49,18 @@ NATIVE_LM = "model.language_model."
 NATIVE_PROJECTOR = "model.multi_modal_projector."
 NATIVE_VISION = "model.vision_tower."
 PROJECTOR_LAYERS = ORIGINAL_TO_HF  # the original's Sequential indices → transformers' layer names
+#: the key prefixes transformers' ``save_pretrained`` writes for Llava (its older module layout, also the
+#: llava-hf checkpoints') → the module's current names
+SAVED_TO_NATIVE = (("language_model.lm_head.", "lm_head."), ("language_model.model.", NATIVE_LM),
+                   ("vision_tower.", NATIVE_VISION), ("multi_modal_projector.", NATIVE_PROJECTOR))
+
+
+def native_key(key: str) -> str:
+    """A Llava weight name as saved (older layout) or current → its current name."""
+    for saved, native in SAVED_TO_NATIVE:
+        if key.startswith(saved):
+            return native + key[len(saved):]
+    return key
 
 
 #: the level transformers 4.x (the original's pin) has in a vision model's weight names and 5.x has not

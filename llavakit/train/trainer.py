@@ -4,19 +4,21 @@
   or ``--group_by_length`` is set (accelerate deals its batches to ranks round-robin);
 * the optimizer has the projector in its own parameter groups when ``--mm_projector_lr`` is given, and no
   weight decay on biases and norms;
-* every text-only micro-batch still runs the vision path, loss-neutrally (see ``graph.py``);
+* every text-only micro-batch still runs the vision path, loss-neutrally (see ``dummy_image.py``);
 * images arrive as uint8 and are normalised on the device (bit-identical to the image processor);
 * stage-1 saves (checkpoints included) write only the projector — under DeepSpeed too, whose engine state
   then leaves the frozen weights out — and their checkpoints resume from it;
-* every save makes the generation config savable first (LLaVA #1144).
+* every save makes the generation config savable first (LLaVA #1144);
+* checkpoints are staged and published atomically (``checkpoints.py``).
+
+The Trainer's private methods behind saving and resuming are overridden in ``llavakit.internals.TrainerSeam``
+only; this class defines the public hooks it calls.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import shutil
 from functools import partial
 
 import torch
@@ -25,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from llavakit.data.sampler import LengthGroupedBatchSampler
+from llavakit.internals import TrainerSeam, attention_kernel
 from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
@@ -47,25 +50,7 @@ def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-#: transformers' older Llava key names (what ``save_pretrained`` writes) → the module's current names
-_LEGACY_LLAVA_KEYS = (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
-                      ("vision_tower.", "model.vision_tower."),
-                      ("multi_modal_projector.", "model.multi_modal_projector."))
-
-
-def current_llava_key(key: str) -> str:
-    for old, new in _LEGACY_LLAVA_KEYS:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-def _load_non_strict(load, engine, path, load_module_strict=True, **kw):
-    """A stage-1 DeepSpeed checkpoint holds the projector only: the frozen weights are not in it."""
-    return load(engine, path, load_module_strict=False, **kw)
-
-
-class LlavaTrainer(Trainer):
+class LlavaTrainer(TrainerSeam, Trainer):
     def __init__(self, *args, stage: Stage, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage = stage
@@ -80,7 +65,7 @@ class LlavaTrainer(Trainer):
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
         # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
-        self._varlen = uses_varlen_attention(getattr(cfg.text_config, "_attn_implementation", None))
+        self._varlen = uses_varlen_attention(attention_kernel(cfg.text_config))
         self.tokens_seen = 0  # real (non-padding) tokens
         self.tokens_processed = 0  # every position the model ran, padding included
         self.samples_seen = 0
@@ -173,103 +158,68 @@ class LlavaTrainer(Trainer):
             logs = {**logs, **self.meter.metrics()}
         super().log(logs, start_time)
 
-    # ---- saving ---------------------------------------------------------------------------------
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
+    # ---- saving and resuming (the hooks llavakit.internals.TrainerSeam calls) ---------------------
+    @property
+    def engine_saves_trainable_only(self) -> bool:
+        """Stage 1 under DeepSpeed: the engine's checkpoint leaves out the frozen weights (the LLM and the
+        vision tower, all but the projector), as it does for LoRA."""
+        return self.stage.projector_only_saves
+
+    def staging_dir(self, run_dir: str) -> str:
+        from llavakit.train.checkpoints import STAGING
+
+        return os.path.join(run_dir, STAGING)
+
+    def publish_checkpoint(self, staged: str, final: str, save_total_limit: int | None) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from llavakit.train.checkpoints import publish
+
+        publish(staged, final)
+        rotate_checkpoints(output_dir=os.path.dirname(final), save_total_limit=save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_weights(self, output_dir: str, state_dict=None) -> bool:
+        """A save's weights: stage 1 writes the projector alone (``mm_projector.bin`` + config); other stages
+        leave it to the Trainer. Every save makes the generation config savable first (LLaVA #1144)."""
         make_savable(getattr(self.llava, "generation_config", None))
         if not self.stage.projector_only_saves:
-            return super()._save(output_dir, state_dict=state_dict)
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if state_dict is None:
-            state = self.llava.model.multi_modal_projector.state_dict()
-        else:
-            state = projector_state(state_dict)
-        save_projector(state, output_dir)
-        self.llava.config.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_staging_dir", None)
-        return staging if staging else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into a staging directory and published by an atomic rename
-        once every rank is done; older checkpoints rotate only after that (see ``checkpoints.py``)."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-        from transformers.trainer_utils import rotate_checkpoints as rotate
-
-        from llavakit.train.checkpoints import STAGING, publish
-
-        run_dir = super()._get_output_dir(trial)
-        staging = os.path.join(run_dir, STAGING)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
-            shutil.rmtree(os.path.join(staging, name))  # left by a run killed mid-save
-        self.accelerator.wait_for_everyone()
-        limit = self.args.save_total_limit
-        self._staging_dir = staging
-        try:
-            self.args.save_total_limit = None  # rotation waits until the new checkpoint is complete
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
+            return False
         if self.args.should_save:
-            publish(os.path.join(staging, name), os.path.join(run_dir, name))
-            rotate(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
-                   use_mtime=True)
-        self.accelerator.wait_for_everyone()
+            os.makedirs(output_dir, exist_ok=True)
+            if state_dict is None:
+                state = self.llava.model.multi_modal_projector.state_dict()
+            else:
+                state = projector_state(state_dict)
+            save_projector(state, output_dir)
+            self.llava.config.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return True
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not (self.is_deepspeed_enabled and self.stage.projector_only_saves):
-            return super()._save_optimizer_and_scheduler(output_dir)
-        # stage 1 under DeepSpeed: the engine's checkpoint leaves out the frozen weights (the LLM and the
-        # vision tower, all but the projector) as it does for LoRA; train() loads it non-strictly
-        engine = self.model_wrapped
-        save = engine.save_checkpoint
-        engine.save_checkpoint = functools.partial(save, exclude_frozen_parameters=True)
-        try:
-            super()._save_optimizer_and_scheduler(output_dir)
-        finally:
-            del engine.save_checkpoint
-
-    def train(self, *args, **kwargs):
-        if not (self.is_deepspeed_enabled and self.stage.projector_only_saves):
-            return super().train(*args, **kwargs)
-        import transformers.trainer as hf_trainer
-
-        load = hf_trainer.deepspeed_load_checkpoint
-        hf_trainer.deepspeed_load_checkpoint = functools.partial(_load_non_strict, load)
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            hf_trainer.deepspeed_load_checkpoint = load
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        has_weights = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in WEIGHT_FILES)
-        projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_BIN)
+    def resume_weights(self, checkpoint: str) -> bool:
+        """A stage-1 checkpoint's projector, or a full checkpoint's weights (strictly); LoRA and DeepSpeed
+        checkpoints are the Trainer's."""
+        has_weights = any(os.path.exists(os.path.join(checkpoint, f)) for f in WEIGHT_FILES)
+        projector_file = os.path.join(checkpoint, PROJECTOR_BIN)
         if not has_weights and os.path.isfile(projector_file):
             logger.info("resuming the projector from %s", projector_file)
             load_projector(self.llava.model.multi_modal_projector, projector_file)
-            return
-        full = any(os.path.exists(os.path.join(resume_from_checkpoint, f)) for f in FULL_WEIGHT_FILES)
+            return True
+        full = any(os.path.exists(os.path.join(checkpoint, f)) for f in FULL_WEIGHT_FILES)
         if full and not self.stage.is_lora and not self.is_deepspeed_enabled:
-            self._load_full_weights(resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self._load_full_weights(checkpoint)
+            return True
+        return False
 
     def _load_full_weights(self, checkpoint: str) -> None:
         """Model weights of a full checkpoint, strictly. transformers saves Llava under its older key names
         (``language_model.model.*``), which the Trainer's own resume does not map back and then skips
         without an error: the run would continue from the initial weights."""
-        from llavakit.model.convert import read_weights
+        from llavakit.model.convert import native_key, read_weights
         from llavakit.train.checkpoints import CheckpointMismatchError
 
         own = self.llava.state_dict()
-        state = {current_llava_key(k): v for k, v in read_weights(checkpoint).items()}
+        state = {native_key(k): v for k, v in read_weights(checkpoint).items()}
         unexpected = sorted(set(state) - set(own))
         by_ptr = {t.data_ptr(): k for k, t in own.items() if k in state}
         missing = sorted(k for k in set(own) - set(state) if own[k].data_ptr() not in by_ptr)  # tied: fine
