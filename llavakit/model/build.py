@@ -25,6 +25,7 @@ import torch
 from llavakit import IMAGE_PLACEHOLDER
 from llavakit.data.tokenize import looks_local
 from llavakit.internals import name_attention_kernel
+from llavakit.model.tensors import grow_rows
 
 logger = logging.getLogger(__name__)
 
@@ -328,15 +329,34 @@ def _check_no_meta(model) -> None:
 
 
 def _resize_embeddings(model, tokenizer) -> None:
+    """Room for the tokens the tokenizer gained (``<image>``, a pad token): rows up to a multiple of 64, each
+    new row the mean of the old ones (``tensors.grow_rows``, as conversion does)."""
     n = len(tokenizer)
-    if model.get_input_embeddings().weight.shape[0] < n:
-        # new rows are sampled around the old embeddings' mean; seeded, so every rank and every rebuild of
-        # the same model gets the same rows
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=True)
-        logger.info("resized token embeddings to %d for %d tokens",
-                    model.get_input_embeddings().weight.shape[0], n)
+    emb = model.get_input_embeddings().weight
+    old = _rows(emb)
+    if old >= n:
+        return
+    with torch.random.fork_rng(devices=[]):  # the rows transformers initialises are overwritten below
+        model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=False)
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    for w in weights.values():
+        with _gathered_for_update(w):
+            w.data.copy_(grow_rows(w.data[:old], w.shape[0]))
+    logger.info("resized token embeddings to %d for %d tokens", _rows(model.get_input_embeddings().weight), n)
+
+
+def _rows(weight) -> int:
+    shape = getattr(weight, "ds_shape", None)  # a ZeRO-3 partitioned parameter's full shape
+    return int((shape if shape is not None else weight.shape)[0])
+
+
+def _gathered_for_update(weight):
+    """The whole tensor while inside (ZeRO-3: gathered, rank 0's change kept); a no-op otherwise."""
+    if getattr(weight, "ds_shape", None) is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
 def _sync_special_ids(model, tokenizer) -> None:

@@ -26,7 +26,7 @@ import torch
 from llavakit import IMAGE_PLACEHOLDER
 from llavakit.model.build import ModelLoadError, checkpoint_kind, read_config_dict
 from llavakit.model.projector import ORIGINAL_TO_HF
-from llavakit.model.tensors import load_tensors
+from llavakit.model.tensors import grow_rows, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +107,6 @@ def write_weights(state: dict[str, torch.Tensor], directory: str, max_shard_size
     from huggingface_hub import save_torch_state_dict
 
     save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, directory, max_shard_size=max_shard_size)
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] >= rows:
-        return t
-    mean = t.float().mean(0, keepdim=True).to(t.dtype)
-    return torch.cat([t, mean.expand(rows - t.shape[0], -1)], 0)
 
 
 # ---- original → native --------------------------------------------------------------------------
@@ -227,12 +220,12 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     embed = NATIVE_LM + "embed_tokens.weight"
     rows = -(-len(tokenizer) // 64) * 64
     rows = max(rows, state[embed].shape[0])
-    state[embed] = _pad_rows(state[embed], rows)
+    state[embed] = grow_rows(state[embed], rows)
     tied = bool(cfg.get("tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)
     else:
-        state["lm_head.weight"] = _pad_rows(state["lm_head.weight"], rows)
+        state["lm_head.weight"] = grow_rows(state["lm_head.weight"], rows)
     text_config.vocab_size = rows
     text_config.pad_token_id = tokenizer.pad_token_id
 

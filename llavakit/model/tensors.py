@@ -29,3 +29,12 @@ def load_tensors(path: str) -> dict:
     if not isinstance(state, dict):
         raise TensorFileError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
     return state
+
+
+def grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with rows appended up to ``rows``, each the mean of the existing rows: how the embeddings of added
+    tokens start, in training (the original LLaVA's rule) and in conversion alike."""
+    if t.shape[0] >= rows:
+        return t
+    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+    return torch.cat([t, mean.expand(rows - t.shape[0], -1)], 0)
