@@ -1,6 +1,7 @@
 """The demo: deterministic synthetic data, and the whole path end to end (`llavakit demo --quick`)."""
 
 import hashlib
+import html
 import json
 import subprocess
 import sys
@@ -54,24 +55,83 @@ def test_no_training_turn_gives_away_another_turns_answer(tmp_path):
                 assert j == k or answer not in question.replace("?", "").split(), conv
 
 
-@pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
     r = subprocess.run([sys.executable, "-m", "llavakit", "demo", "--quick", "--output", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(quick_demo):
+    out, r = quick_demo
     s = json.loads((out / "summary.json").read_text())
-    for key in ("heldout_accuracy", "stage1_only_accuracy", "chance_accuracy", "per_type", "wall_seconds"):
+    for key in ("heldout_accuracy", "stage1_only_accuracy", "chance_accuracy", "per_type", "wall_seconds",
+                "stage1_caption_accuracy", "stage1_caption_chance", "phase_seconds", "cpu"):
         assert key in s
     assert set(s["per_type"]) == set(ANSWER_SETS)
     # the quick run is short: it must beat guessing overall and have learned to count from the image
     assert s["heldout_accuracy"] >= s["chance_accuracy"] + 0.05
     assert s["per_type"]["count"] >= 0.6
+    # stage 1 alone aligns: its captions name objects by colour and shape far more often than chance
+    assert s["stage1_caption_accuracy"] >= 3 * s["stage1_caption_chance"]
+    assert set(s["phase_seconds"]) == {"data", "backbones", "stage1", "stage1_eval", "stage2", "eval", "report"}
+    assert s["cpu"]["cores"] >= 1 and s["cpu"]["torch_kernels"]
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "question type" in r.stdout and "stage 2" in r.stdout
     from transformers import AutoModelForImageTextToText
 
     assert AutoModelForImageTextToText.from_pretrained(out / "stage2").config.model_type == "llava"
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    """Debian's Chromium; CI installs it (.ci/run), elsewhere a test without it is skipped."""
+    import os
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI installs it: apt-get install chromium)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    return path
+
+
+@pytest.mark.slow
+def test_demo_report_opens_from_disk_in_headless_chromium(quick_demo, tmp_path):
+    """report.html, opened from disk in a real browser: every image decodes, the tables and captions are there;
+    the screenshot is kept beside the demo output (look at it)."""
+    out, _ = quick_demo
+    s = json.loads((out / "summary.json").read_text())
+    page = (out / "report.html").as_uri()
+    browser = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--virtual-time-budget=5000", "--dump-dom", page], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    import re
+
+    m = re.search(r'<body data-images="(\d+)" data-decoded="(\d+)"', dom.stdout)
+    assert m, dom.stdout[:2000]
+    assert int(m.group(1)) >= 10 and m.group(1) == m.group(2)  # held-out scenes, captions, curves, chat
+    assert "Held-out accuracy by question type" in dom.stdout and "After stage 1" in dom.stdout
+    for example in s["stage1_captions"][:3]:
+        assert html.escape(example["caption"]) in dom.stdout
+    assert dom.stdout.count("class=\"wrong\"") + dom.stdout.count("class=\"right\"") >= 2 * s["heldout_questions"] // 5
+    shot = out / "report.png"
+    r = subprocess.run([*browser, "--window-size=1200,1600", f"--screenshot={shot}", page], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1200, 1600)
+        assert len(set(im.convert("RGB").resize((120, 160)).getdata())) > 50  # a page, not a blank
 
 
 def test_some_training_negatives_need_binding(tmp_path):

@@ -32,15 +32,50 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_language_model(tokenizer, texts: list[str], out: str | Path, *, hidden: int, layers: int,
-                            steps: int, seq_len: int = 64, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str] | None]], out: str | Path, *,
+                            hidden: int, layers: int, steps: int, image_tokens: int,
+                            schedule: dict[str, int] | None = None, batch: int = 32, lr: float = 3e-3, seed: int = 0,
                             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """Train a small Llama on ``texts`` (packed into ``seq_len`` chunks); save it with its tokenizer."""
+    """Train a small chat Llama on the demo's conversations, each image replaced by a description of it.
+
+    ``examples`` are (record, template name, description): a record in LLaVA's format, the conversation
+    template it is rendered in (``plain`` for captions, ``v1`` for chats) and, for a record with an image, its
+    description — ``image_tokens`` words (one token each), put where the image's tokens will be. The model
+    learns to read such a prefix as a real LLM reads text; stage 1 then teaches the projector to write what the
+    model already reads. Each step is a batch of one template, in the proportions of ``schedule`` (template →
+    share; default: all templates alike). Supervised: the assistant's turns (the template's labels). The
+    tokenizer is saved as it came (no image token), with the model.
+    """
+    import copy
+
+    from llavakit.data.records import InvalidRecordsError, check_record
+    from llavakit.data.templates import get_template
+    from llavakit.data.tokenize import ConversationEncoder
+    from llavakit.model.build import prepare_tokenizer
+
     model = new_llama(tokenizer, hidden, layers, max(1, hidden // 32), hidden * 3, max_positions=1024, seed=seed)
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
-    data = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    tok = copy.deepcopy(tokenizer)
+    prepare_tokenizer(tok)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    encoders: dict[str, ConversationEncoder] = {}
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for i, (raw, template, description) in enumerate(examples):
+        if template not in encoders:
+            encoders[template] = ConversationEncoder(tok, get_template(template), image_tokens)
+        record, problems = check_record(raw, i, "demo conversations")
+        if record is None:
+            raise InvalidRecordsError("demo conversations", problems)
+        enc = encoders[template].encode(record)
+        ids = torch.tensor(enc.input_ids)
+        where = (ids == image_id).nonzero().flatten()
+        words = tokenizer.convert_tokens_to_ids(description or [])
+        if len(where) != len(words) or tokenizer.unk_token_id in words:
+            raise ValueError(f"demo conversation {i}: {len(where)} image positions for the description "
+                             f"{description} (each word must be one token of the tokenizer)")
+        ids[where] = torch.tensor(words, dtype=torch.long)
+        rows.setdefault(template, []).append((ids, torch.tensor(enc.labels)))
+    schedule = schedule or dict.fromkeys(rows, 1)
+    order = [t for t, share in schedule.items() for _ in range(share)]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     losses = []
@@ -48,8 +83,15 @@ def pretrain_language_model(tokenizer, texts: list[str], out: str | Path, *, hid
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
-        rows = data[torch.randint(0, len(data), (batch,), generator=gen)]
-        loss = model(input_ids=rows, labels=rows).loss
+        group = rows[order[step % len(order)]]
+        picked = [group[k] for k in torch.randint(0, len(group), (batch,), generator=gen).tolist()]
+        length = max(len(r[0]) for r in picked)
+        ids = torch.zeros(batch, length, dtype=torch.long)
+        labels = torch.full((batch, length), -100)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for b, (row_ids, row_labels) in enumerate(picked):
+            ids[b, :len(row_ids)], labels[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, row_labels, 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -2,12 +2,14 @@
 
 1. synthetic scenes → real image files and LLaVA records (captions, multi-turn QA, text-only, held-out);
 2. backbones made on the spot: a tokenizer and a small chat Llama trained on the demo's text (its
-   conversations in the Vicuna v1 format, without images, and its captions), a small CLIP vision tower
-   pretrained on the demo images — all saved with ``save_pretrained``;
+   conversations in the Vicuna v1 format and its captions, each image replaced by a description the model
+   learns to read, as a real LLM reads text), a small CLIP vision tower pretrained on the demo images — all
+   saved with ``save_pretrained``;
 3. stage 1 and stage 2 through ``llavakit train`` with the original's flags (same code path as a real run);
-4. held-out exact-match accuracy per question type for the stage-1-only model and the final model, against
-   chance; a two-turn chat about a held-out image;
-5. a table, ``loss_curves.png`` and ``summary.json`` in the output directory.
+4. after stage 1: captions of held-out images (do they name each object's colour and shape?); held-out
+   exact-match accuracy per question type for the stage-1-only model and the final model, against chance;
+   a two-turn chat about a held-out image;
+5. a table, ``loss_curves.png``, ``report.html`` (a page to open from disk) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import sys
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llavakit.demo.scenes import ANSWER_SETS, chance_accuracy, write_dataset
+from llavakit.demo.scenes import ANSWER_SETS, chance_accuracy, describe, named_objects, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +43,19 @@ class DemoConfig:
     vocab_size: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
-    lm_steps: int = 200
-    lm_seq_len: int = 128
+    lm_steps: int = 600
+    lm_batch: int = 32
+    lm_chat_every: int = 3  # every Nth language-model step a chat batch (0: captions only)
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
     # stage 1 as LLaVA-1.5's: one epoch at 1e-3. With a frozen language model this small, longer stage-1
     # training does not align (the caption loss only reaches the level of ignoring the image) and it
     # collapses the projector's output onto the image position, losing colour and shape (measured)
-    stage1_epochs: int = 1
+    stage1_epochs: int = 3
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
-    stage2_epochs: int = 34
+    stage2_epochs: int = 8
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     # --mm_projector_lr: the projector moves slowly while the language model learns to read it; at the
@@ -67,11 +71,25 @@ QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage
 
 
 class Progress:
+    """Prints each phase with the time since the start, and keeps each phase's seconds."""
+
     def __init__(self):
         self.t0 = time.time()
+        self.phase_seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
 
-    def step(self, title: str) -> None:
-        print(f"\n[{time.time() - self.t0:6.1f}s] == {title}", flush=True)
+    def step(self, title: str, phase: str | None = None) -> None:
+        now = time.time()
+        if phase is not None:
+            self.end_phase()
+            self._current = (phase, now)
+        print(f"\n[{now - self.t0:6.1f}s] == {title}", flush=True)
+
+    def end_phase(self) -> None:
+        if self._current is not None:
+            name, start = self._current
+            self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + time.time() - start, 1)
+            self._current = None
 
     def loop(self, name: str):
         def report(step: int, total: int, loss: float) -> None:
@@ -79,6 +97,23 @@ class Progress:
                 print(f"[{time.time() - self.t0:6.1f}s]    {name} step {step + 1}/{total} loss {loss:.3f}",
                       flush=True)
         return report
+
+
+def cpu_description() -> dict:
+    """The CPU this ran on: its name, whether it has AVX-512, and the kernels PyTorch chose
+    (``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine take the AVX2 ones)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"name": name, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "torch_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
 def normalise(answer: str) -> str:
@@ -95,9 +130,26 @@ def evaluate(predictor, heldout: list[dict], image_root: Path) -> dict:
         per_type.setdefault(q["type"], []).append(int(normalise(a) == q["answer"]))
     acc = {t: sum(v) / len(v) for t, v in per_type.items()}
     overall = sum(sum(v) for v in per_type.values()) / max(1, len(heldout))
-    return {"accuracy": overall, "per_type": acc, "examples": [
-        {"question": q["text"], "image": q["image"], "expected": q["answer"], "answer": a}
-        for q, a in list(zip(heldout, answers))[:5]]}
+    rows = [{"question": q["text"], "image": q["image"], "type": q["type"], "expected": q["answer"], "answer": a,
+             "right": normalise(a) == q["answer"]} for q, a in zip(heldout, answers)]
+    return {"accuracy": overall, "per_type": acc, "examples": rows[:5], "answers": rows}
+
+
+def caption_accuracy(predictor, images: list[str], scenes: dict, image_root: Path) -> dict:
+    """Caption each image with the ``plain`` template (stage 1's format: the image, then the caption) and count
+    the objects whose colour and shape the caption names together. Chance: a colour and a shape picked at
+    random name an object 1 time in (colours × shapes)."""
+    from llavakit.demo.scenes import COLOURS, SHAPES
+    from llavakit.infer.generate import Query
+
+    answers = predictor.generate([Query("", str(image_root / rel)) for rel in images], max_new_tokens=48,
+                                 batch_size=32)
+    captions = [a.split("\n")[0].strip() for a in answers]
+    named = sum(named_objects(scenes[rel], c) for rel, c in zip(images, captions))
+    total = sum(len(scenes[rel].objects) for rel in images)
+    return {"accuracy": named / max(1, total), "chance": 1 / (len(COLOURS) * len(SHAPES)), "objects": total,
+            "examples": [{"image": rel, "caption": c, "named": named_objects(scenes[rel], c),
+                          "objects": len(scenes[rel].objects)} for rel, c in zip(images, captions)]}
 
 
 def chat_texts(records: list[dict]) -> list[str]:
@@ -156,6 +208,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
     cfg = cfg or (QUICK if quick else DemoConfig())
+    if cfg.image_size // cfg.patch_size != 2:
+        raise ValueError("the demo describes its scenes per quadrant: image_size must be 2 patches wide")
     out = Path(output)
     if out.exists():
         shutil.rmtree(out)
@@ -165,33 +219,41 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     torch.manual_seed(seed)
     p = Progress()
 
-    p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)")
+    p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)", "data")
     data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, seed)
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
-    instruct = data["instruct"]
+    instruct, scenes = data["instruct"], data["scenes"]
     print(f"    {len(data['captions'])} caption records, {len(instruct)} instruction records, "
           f"{len(heldout)} held-out questions", flush=True)
 
-    p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)")
+    p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)",
+           "backbones")
     from llavakit.data.images import ImageTransform, open_image
     from llavakit.demo.backbones import train_tokenizer
     from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
-    from llavakit.demo.scenes import QUADRANT_ATTRIBUTES, quadrant_labels
+    from llavakit.demo.scenes import DESCRIPTION_WORDS, QUADRANT_ATTRIBUTES, quadrant_labels
 
-    # the language model is a chat model, as Vicuna is: its text is the demo's conversations in the v1 format
-    # (without their images) and the captions; the tokenizer is trained on the same text
+    # the language model is a chat model, as Vicuna is: it learns the demo's conversations (v1 format) and
+    # captions (plain), reading a description of each image where the image will be; the tokenizer is
+    # trained on the same text
     corpus = chat_texts(instruct) + [c["conversations"][1]["value"] for c in data["captions"]]
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
+    tok.add_tokens(list(DESCRIPTION_WORDS))
+    examples = [(r, "plain", describe(scenes[r["image"]])) for r in data["captions"]]
+    schedule = {"plain": 1}
+    if cfg.lm_chat_every:
+        examples += [(r, "v1", describe(scenes[r["image"]]) if "image" in r else None) for r in instruct]
+        schedule = {"plain": cfg.lm_chat_every - 1, "v1": 1}
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
-    lm_losses = pretrain_language_model(tok, corpus, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
-                                        steps=cfg.lm_steps, seq_len=cfg.lm_seq_len, seed=seed,
-                                        progress=p.loop("language model"))
+    lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
+                                        steps=cfg.lm_steps, image_tokens=4, schedule=schedule, batch=cfg.lm_batch,
+                                        seed=seed, progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])
     train_images = [c["image"] for c in data["captions"]]
     pixels = [transform(open_image(image_root / rel)) for rel in train_images]
-    labels = np.array([quadrant_labels(data["scenes"][rel]) for rel in train_images])
+    labels = np.array([quadrant_labels(scenes[rel]) for rel in train_images])
     vision_losses = pretrain_vision(pixels, labels, clip_dir, image_size=cfg.image_size, patch_size=cfg.patch_size,
                                     hidden=cfg.vision_hidden, layers=cfg.vision_layers, steps=cfg.vision_steps,
                                     num_classes=tuple(len(a) for a in QUADRANT_ATTRIBUTES), seed=seed,
@@ -205,13 +267,36 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
                   mm_use_im_patch_token=False, evaluation_strategy="no", save_strategy="no", weight_decay=0.0,
                   warmup_ratio=0.03, lr_scheduler_type="cosine", model_max_length=512,
                   dataloader_num_workers=0, report_to="none", seed=seed, disable_tqdm=True)
-    p.step("3/5 stage 1: feature alignment (projector only, --version plain)")
+    p.step("3/5 stage 1: feature alignment (projector only, --version plain)", "stage1")
     s1 = out / "stage1"
     _stop_if_interrupted(train(RunConfig.from_options(
         **common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True, output_dir=s1,
         num_train_epochs=cfg.stage1_epochs, per_device_train_batch_size=cfg.stage1_batch,
         learning_rate=cfg.stage1_lr, logging_steps=5)))
-    p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)")
+
+    p.step("    after stage 1: captions and answers for held-out images", "stage1_eval")
+    from llavakit.data.templates import get_template
+    from llavakit.infer.generate import Predictor
+    from llavakit.model.build import assemble
+    from llavakit.model.processing import build_processor, chat_template_for, image_processor_for
+    from llavakit.model.projector import load_projector
+
+    asm = assemble(str(llm_dir), str(clip_dir))
+    load_projector(asm.model.model.multi_modal_projector, str(s1 / "mm_projector.bin"))
+
+    def stage1_predictor(template: str) -> Predictor:
+        proc = build_processor(asm.tokenizer, image_processor_for(asm.image_processor, "pad"),
+                               asm.model.config.vision_config, "default",
+                               chat_template_for(get_template(template), asm.tokenizer))
+        return Predictor(asm.model, proc)
+
+    test_images = sorted({q["image"] for q in heldout})
+    captions = caption_accuracy(stage1_predictor("plain"), test_images, scenes, image_root)
+    stage1_res = evaluate(stage1_predictor("v1"), heldout, image_root)
+    print(f"    stage-1 captions name {captions['accuracy']:.0%} of the objects' colour and shape (chance "
+          f"{captions['chance']:.0%}); answers {stage1_res['accuracy']:.0%} right", flush=True)
+
+    p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)", "stage2")
     s2 = out / "stage2"
     _stop_if_interrupted(train(RunConfig.from_options(
         **common, version="v1", data_path=files["instruct"], pretrain_mm_mlp_adapter=s1 / "mm_projector.bin",
@@ -221,49 +306,46 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
         learning_rate=cfg.stage2_lr, mm_projector_lr=cfg.stage2_projector_lr,
         logging_steps=25)))  # a log line every ~2 s
 
-    p.step("4/5 evaluation on held-out images")
-    from llavakit.data.templates import get_template
-    from llavakit.infer.generate import Predictor
-    from llavakit.model.build import assemble
-    from llavakit.model.processing import build_processor, chat_template_for, image_processor_for
-    from llavakit.model.projector import load_projector
-
+    p.step("4/5 evaluation on held-out images", "eval")
     final = Predictor.from_pretrained(str(s2))
     final_res = evaluate(final, heldout, image_root)
-    asm = assemble(str(llm_dir), str(clip_dir))
-    load_projector(asm.model.model.multi_modal_projector, str(s1 / "mm_projector.bin"))
-    proc = build_processor(asm.tokenizer, image_processor_for(asm.image_processor, "pad"),
-                           asm.model.config.vision_config, "default", chat_template_for(get_template("v1"), asm.tokenizer))
-    stage1_res = evaluate(Predictor(asm.model, proc), heldout, image_root)
     chance = chance_accuracy(heldout)
-
     chat_q = heldout[0]
     chat = chat_about(final, str(image_root / chat_q["image"]), [chat_q["text"], "Describe the image briefly."])
     chat[0]["expected"] = chat_q["answer"]
 
-    p.step("5/5 report")
-    plot_losses({"language model pretraining": list(enumerate(lm_losses)),
-                 "vision tower pretraining": list(enumerate(vision_losses)),
-                 "stage 1 (projector)": _loss_history(s1), "stage 2 (instruction)": _loss_history(s2)},
-                out / "loss_curves.png")
-    wall = time.time() - p.t0
+    p.step("5/5 report", "report")
+    curves = {"language model pretraining": list(enumerate(lm_losses)),
+              "vision tower pretraining": list(enumerate(vision_losses)),
+              "stage 1 (projector)": _loss_history(s1), "stage 2 (instruction)": _loss_history(s2)}
+    plot_losses(curves, out / "loss_curves.png")
     summary = {
         "heldout_accuracy": round(final_res["accuracy"], 4),
         "stage1_only_accuracy": round(stage1_res["accuracy"], 4),
         "chance_accuracy": round(chance, 4),
+        "stage1_caption_accuracy": round(captions["accuracy"], 4),
+        "stage1_caption_chance": round(captions["chance"], 4),
         "per_type": {t: round(v, 4) for t, v in sorted(final_res["per_type"].items())},
         "stage1_only_per_type": {t: round(v, 4) for t, v in sorted(stage1_res["per_type"].items())},
         "chance_per_type": {t: round(1 / len(a), 4) for t, a in ANSWER_SETS.items()},
         "heldout_questions": len(heldout),
         "examples": final_res["examples"],
+        "stage1_captions": captions["examples"][:8],
         "chat": {"image": chat_q["image"], "turns": chat},
-        "wall_seconds": round(wall, 1),
         "seed": seed,
         "quick": quick,
+        "cpu": cpu_description(),
         "config": asdict(cfg),
         "outputs": {"model": str(s2), "projector": str(s1 / "mm_projector.bin"),
-                    "loss_curves": str(out / "loss_curves.png")},
+                    "loss_curves": str(out / "loss_curves.png"), "report": str(out / "report.html")},
     }
+    from llavakit.demo.report import write_report
+
+    p.end_phase()
+    summary["phase_seconds"] = p.phase_seconds
+    summary["wall_seconds"] = round(time.time() - p.t0, 1)
+    write_report(out / "report.html", summary, final_res["answers"], stage1_res["answers"], captions["examples"],
+                 image_root, out / "loss_curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(render_table(summary), flush=True)
     return summary
@@ -288,8 +370,14 @@ def render_table(s: dict) -> str:
     lines += ["", f"chat about held-out image {chat['image']}:"]
     for turn in chat["turns"]:
         lines += [f"  USER: {turn['user']}", f"  ASSISTANT: {turn['assistant']}"]
-    lines += ["", f"done in {s['wall_seconds']:.0f} s — model: {s['outputs']['model']}",
-              f"loss curves: {s['outputs']['loss_curves']}"]
+    lines += ["", f"stage-1 captions of held-out images name {s['stage1_caption_accuracy']:.0%} of the objects "
+              f"(colour and shape; chance {s['stage1_caption_chance']:.0%})"]
+    cpu = s["cpu"]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in s["phase_seconds"].items())
+    lines += ["", f"done in {s['wall_seconds']:.0f} s on {cpu['name']} ({cpu['cores']} cores, "
+                  f"{'AVX-512' if cpu['avx512'] else 'no AVX-512'}, PyTorch {cpu['torch_kernels']} kernels): {phases}",
+              f"model: {s['outputs']['model']}",
+              f"report: {s['outputs']['report']} (open it in a browser); loss curves: {s['outputs']['loss_curves']}"]
     return "\n".join(lines)
 
 

@@ -78,7 +78,10 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
 
 
 def caption(scene: Scene) -> str:
-    parts = [f"a {o.size} {o.colour} {o.shape} at the {o.place}" for o in scene.objects]
+    """The objects from the top left to the bottom right (one order: what a caption says is decided by the
+    image alone)."""
+    objects = sorted(scene.objects, key=lambda o: PLACES.index(o.place))
+    parts = [f"a {o.size} {o.colour} {o.shape} at the {o.place}" for o in objects]
     if len(parts) == 1:
         return parts[0].capitalize() + "."
     return (", ".join(parts[:-1]) + " and " + parts[-1]).capitalize() + "."
@@ -206,6 +209,31 @@ def quadrant_labels(scene: Scene) -> list[list[int]]:
         values = (o.colour, o.shape, o.size) if o else ("", "", "")
         out.append([attrs.index(v) for attrs, v in zip(QUADRANT_ATTRIBUTES, values)] + [q])
     return out
+
+
+def _word(place: str, o: Obj | None) -> str:
+    what = f"{o.size}-{o.colour}-{o.shape}" if o else "empty"
+    return f"[{place.replace(' ', '-')}:{what}]"
+
+
+#: one word per quadrant and what is there: the compact notation of the descriptions the demo's language model
+#: learns to read in place of an image (each word is one token of its tokenizer)
+DESCRIPTION_WORDS = tuple(_word(p, o) for p in PLACES for o in
+                          [None, *(Obj(c, s, z, p) for z in SIZES for c in COLOURS for s in SHAPES)])
+
+
+def describe(scene: Scene) -> list[str]:
+    """What is in each quadrant (in ``PLACES`` order, the order of the vision tower's patches), one
+    :data:`DESCRIPTION_WORDS` word each: the text the demo's language model learns to read in place of the
+    image, as a real LLM reads a description."""
+    by_place = {o.place: o for o in scene.objects}
+    return [_word(p, by_place.get(p)) for p in PLACES]
+
+
+def named_objects(scene: Scene, text: str) -> int:
+    """How many of the scene's objects ``text`` names by their colour and shape together ("red circle")."""
+    words = " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+    return sum(f"{o.colour} {o.shape}" in words for o in scene.objects)
 
 
 def chance_accuracy(heldout: list[dict]) -> float:
