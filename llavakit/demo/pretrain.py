@@ -33,8 +33,8 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str] | None]], out: str | Path, *,
-                            hidden: int, layers: int, steps: int, image_tokens: int,
-                            schedule: dict[str, int] | None = None, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+                            hidden: int, layers: int, steps: int, image_tokens: int, batch: int = 32,
+                            lr: float = 3e-3, seed: int = 0,
                             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Train a small chat Llama on the demo's conversations, each image replaced by a description of it.
 
@@ -42,9 +42,9 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str]
     template it is rendered in (``plain`` for captions, ``v1`` for chats) and, for a record with an image, its
     description — ``image_tokens`` words (one token each), put where the image's tokens will be. The model
     learns to read such a prefix as a real LLM reads text; stage 1 then teaches the projector to write what the
-    model already reads. Each step is a batch of one template, in the proportions of ``schedule`` (template →
-    share; default: all templates alike). Supervised: the assistant's turns (the template's labels). The
-    tokenizer is saved as it came (no image token), with the model.
+    model already reads. Each step is a batch of one template (in turn, when there are several). Supervised:
+    the assistant's turns (the template's labels). The tokenizer is saved as it came (no image token), with the
+    model.
     """
     import copy
 
@@ -74,8 +74,7 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str]
                              f"{description} (each word must be one token of the tokenizer)")
         ids[where] = torch.tensor(words, dtype=torch.long)
         rows.setdefault(template, []).append((ids, torch.tensor(enc.labels)))
-    schedule = schedule or dict.fromkeys(rows, 1)
-    order = [t for t, share in schedule.items() for _ in range(share)]
+    order = list(rows)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     losses = []

@@ -43,9 +43,8 @@ class DemoConfig:
     vocab_size: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
-    lm_steps: int = 600
+    lm_steps: int = 900
     lm_batch: int = 32
-    lm_chat_every: int = 3  # every Nth language-model step a chat batch (0: captions only)
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
@@ -55,7 +54,7 @@ class DemoConfig:
     stage1_epochs: int = 3
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
-    stage2_epochs: int = 8
+    stage2_epochs: int = 7
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     # --mm_projector_lr: the projector moves slowly while the language model learns to read it; at the
@@ -67,7 +66,7 @@ class DemoConfig:
     length_group_steps: int = 8
 
 
-QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=120, vision_steps=80, stage2_epochs=8)
+QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=400, vision_steps=80, stage2_epochs=4)
 
 
 class Progress:
@@ -152,6 +151,17 @@ def caption_accuracy(predictor, images: list[str], scenes: dict, image_root: Pat
                           "objects": len(scenes[rel].objects)} for rel, c in zip(images, captions)]}
 
 
+def question_answer_text(record: dict) -> dict:
+    """A conversation about an image as one text after the image (``plain``): "Q? A. Q? A." — for the
+    language model's pretraining, where the image is a description."""
+    from llavakit import IMAGE_PLACEHOLDER
+
+    turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in record["conversations"]]
+    text = " ".join(f"{q} {a.rstrip('.')}." for q, a in zip(turns[::2], turns[1::2]))
+    return {"id": record.get("id"), "image": record["image"],
+            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
+
+
 def chat_texts(records: list[dict]) -> list[str]:
     """Conversations as text for a chat LM: in the Vicuna v1 format, without their images."""
     from llavakit import IMAGE_PLACEHOLDER
@@ -234,21 +244,18 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
     from llavakit.demo.scenes import DESCRIPTION_WORDS, QUADRANT_ATTRIBUTES, quadrant_labels
 
-    # the language model is a chat model, as Vicuna is: it learns the demo's conversations (v1 format) and
-    # captions (plain), reading a description of each image where the image will be; the tokenizer is
-    # trained on the same text
+    # the language model reads text as Vicuna does: here, a description of a scene (one word per quadrant, put
+    # where the image's tokens will be) followed by its caption, or by questions about it and their answers;
+    # the tokenizer is trained on the demo's text
     corpus = chat_texts(instruct) + [c["conversations"][1]["value"] for c in data["captions"]]
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
-    examples = [(r, "plain", describe(scenes[r["image"]])) for r in data["captions"]]
-    schedule = {"plain": 1}
-    if cfg.lm_chat_every:
-        examples += [(r, "v1", describe(scenes[r["image"]]) if "image" in r else None) for r in instruct]
-        schedule = {"plain": cfg.lm_chat_every - 1, "v1": 1}
+    texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
+    examples = [(r, "plain", describe(scenes[r["image"]])) for r in texts]
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
-                                        steps=cfg.lm_steps, image_tokens=4, schedule=schedule, batch=cfg.lm_batch,
-                                        seed=seed, progress=p.loop("language model"))
+                                        steps=cfg.lm_steps, image_tokens=4, batch=cfg.lm_batch, seed=seed,
+                                        progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])
     train_images = [c["image"] for c in data["captions"]]
