@@ -29,6 +29,8 @@ def _data_uri(path: Path) -> str:
 
 
 def _short(text: str, limit: int = 30) -> str:
+    """An answer as scored: up to its first full stop (the stage-1 model goes on with its next question)."""
+    text = text.split(".")[0]
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 

@@ -116,7 +116,8 @@ def cpu_description() -> dict:
 
 
 def normalise(answer: str) -> str:
-    return " ".join(answer.lower().replace(".", " ").replace(",", " ").split())
+    """An answer as compared: up to its first full stop, lower case, without commas."""
+    return " ".join(answer.split(".")[0].lower().replace(",", " ").split())
 
 
 def evaluate(predictor, heldout: list[dict], image_root: Path) -> dict:
@@ -160,6 +161,13 @@ def question_answer_text(record: dict) -> dict:
     text = " ".join(f"{q} {a.rstrip('.')}." for q, a in zip(turns[::2], turns[1::2]))
     return {"id": record.get("id"), "image": record["image"],
             "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
+
+
+#: a prompt in the format of :func:`question_answer_text` (the image, then the question), for asking the
+#: stage-1-only model: its language model has read questions only in that format
+QUESTION_AFTER_IMAGE = ("{% for message in messages %}{% if message['role'] == 'user' %}"
+                        "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+                        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
 
 
 def chat_texts(records: list[dict]) -> list[str]:
@@ -291,15 +299,16 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     asm = assemble(str(llm_dir), str(clip_dir))
     load_projector(asm.model.model.multi_modal_projector, str(s1 / "mm_projector.bin"))
 
-    def stage1_predictor(template: str) -> Predictor:
+    def stage1_predictor(chat_template: str) -> Predictor:
         proc = build_processor(asm.tokenizer, image_processor_for(asm.image_processor, "pad"),
-                               asm.model.config.vision_config, "default",
-                               chat_template_for(get_template(template), asm.tokenizer))
+                               asm.model.config.vision_config, "default", chat_template)
         return Predictor(asm.model, proc)
 
     test_images = sorted({q["image"] for q in heldout})
-    captions = caption_accuracy(stage1_predictor("plain"), test_images, scenes, image_root)
-    stage1_res = evaluate(stage1_predictor("v1"), heldout, image_root)
+    captions = caption_accuracy(stage1_predictor(chat_template_for(get_template("plain"), asm.tokenizer)),
+                                test_images, scenes, image_root)
+    # asked as its language model read questions (the image, then the question): it knows no chat template yet
+    stage1_res = evaluate(stage1_predictor(QUESTION_AFTER_IMAGE), heldout, image_root)
     print(f"    stage-1 captions name {captions['accuracy']:.0%} of the objects' colour and shape (chance "
           f"{captions['chance']:.0%}); answers {stage1_res['accuracy']:.0%} right", flush=True)
 
