@@ -154,3 +154,54 @@ def test_some_training_negatives_need_binding(tmp_path):
             binding += (not together and colour in {o.colour for o in scene.objects}
                         and shape in {o.shape for o in scene.objects})
     assert binding >= 20
+
+
+def test_descriptions_are_one_token_per_quadrant_and_captions_follow_the_quadrants(tmp_path):
+    """The language model's pretraining reads one word per quadrant where the image's 4 tokens will be; a
+    caption lists the objects from the top left to the bottom right, so the description decides it."""
+    from llavakit.demo.backbones import train_tokenizer
+    from llavakit.demo.run import question_answer_text
+    from llavakit.demo.scenes import DESCRIPTION_WORDS, PLACES, caption, describe, named_objects
+
+    data = write_dataset(tmp_path, 60, 1, 56, seed=0)
+    tok = train_tokenizer([c["conversations"][1]["value"] for c in data["captions"]], vocab_size=200,
+                          extra_special_tokens=[])
+    tok.add_tokens(list(DESCRIPTION_WORDS))
+    assert len(DESCRIPTION_WORDS) == len(PLACES) * (1 + 2 * 4 * 3)  # empty, or size × colour × shape
+    for scene in data["scenes"].values():
+        words = describe(scene)
+        assert len(words) == 4 and all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)
+        assert sum("empty" not in w for w in words) == len(scene.objects)
+        text = caption(scene)
+        places = [p for p in PLACES if f"at the {p}" in text]
+        assert places == sorted(places, key=PLACES.index) and len(places) == len(scene.objects)
+        assert named_objects(scene, text) == len(scene.objects)
+    record = next(r for r in data["instruct"] if "image" in r)
+    qa = question_answer_text(record)
+    assert qa["image"] == record["image"] and qa["conversations"][0]["value"] == "<image>"
+    assert "<image>" not in qa["conversations"][1]["value"] and qa["conversations"][1]["value"].endswith(".")
+
+
+def test_language_model_pretraining_reads_descriptions_in_place_of_the_image(tmp_path):
+    """Two steps on a few records: the description's ids sit where the image's tokens go (the template's
+    encoding), the model and its tokenizer (no image token added) load back; a description that does not fit
+    the image's token count is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llavakit.demo.backbones import train_tokenizer
+    from llavakit.demo.pretrain import pretrain_language_model
+    from llavakit.demo.scenes import DESCRIPTION_WORDS, describe
+
+    data = write_dataset(tmp_path / "d", 8, 1, 56, seed=0)
+    tok = train_tokenizer([c["conversations"][1]["value"] for c in data["captions"]], vocab_size=200,
+                          extra_special_tokens=[])
+    tok.add_tokens(list(DESCRIPTION_WORDS))
+    examples = [(r, "plain", describe(data["scenes"][r["image"]])) for r in data["captions"]]
+    losses = pretrain_language_model(tok, examples, tmp_path / "lm", hidden=32, layers=1, steps=2, image_tokens=4,
+                                     batch=4)
+    assert len(losses) == 2 and all(x == x for x in losses)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").config.vocab_size == len(tok)
+    assert "<image>" not in AutoTokenizer.from_pretrained(tmp_path / "lm").get_vocab()
+    with pytest.raises(ValueError, match="image positions"):
+        pretrain_language_model(tok, [(examples[0][0], "plain", examples[0][2][:3])], tmp_path / "lm2", hidden=32,
+                                layers=1, steps=1, image_tokens=4, batch=2)

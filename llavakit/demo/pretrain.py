@@ -1,7 +1,8 @@
 """Honest small "pretrained" backbones for the demo, made on the spot with no hub.
 
-* a Llama-style language model pretrained (next-token prediction) on the demo's text — a chat model, as
-  Vicuna is, when that text is conversations in its template;
+* a Llama-style language model pretrained (next-token prediction) on the demo's text, in which a description
+  of each scene (one word per quadrant) stands where the image's tokens will stand — it learns to read such a
+  prefix, as a real LLM reads text, so that stage 1 has something to align the image to;
 * a CLIP vision tower trained on the demo images to tell what is in each part of the image (supervised,
   from the scenes' ground truth), saved like ``openai/clip-vit-*`` so that ``--vision_tower`` loads it
   through the same ``from_pretrained`` path.
