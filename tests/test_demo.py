@@ -196,12 +196,12 @@ def test_language_model_pretraining_reads_descriptions_in_place_of_the_image(tmp
     tok = train_tokenizer([c["conversations"][1]["value"] for c in data["captions"]], vocab_size=200,
                           extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
-    examples = [(r, "plain", describe(data["scenes"][r["image"]])) for r in data["captions"]]
+    examples = [(r, describe(data["scenes"][r["image"]])) for r in data["captions"]]
     losses = pretrain_language_model(tok, examples, tmp_path / "lm", hidden=32, layers=1, steps=2, image_tokens=4,
                                      batch=4)
     assert len(losses) == 2 and all(x == x for x in losses)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "lm").config.vocab_size == len(tok)
     assert "<image>" not in AutoTokenizer.from_pretrained(tmp_path / "lm").get_vocab()
     with pytest.raises(ValueError, match="image positions"):
-        pretrain_language_model(tok, [(examples[0][0], "plain", examples[0][2][:3])], tmp_path / "lm2", hidden=32,
+        pretrain_language_model(tok, [(examples[0][0], examples[0][1][:3])], tmp_path / "lm2", hidden=32,
                                 layers=1, steps=1, image_tokens=4, batch=2)

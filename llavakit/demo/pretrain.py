@@ -33,19 +33,17 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str] | None]], out: str | Path, *,
-                            hidden: int, layers: int, steps: int, image_tokens: int, batch: int = 32,
+def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], out: str | Path, *, hidden: int,
+                            layers: int, steps: int, image_tokens: int, template: str = "plain", batch: int = 32,
                             lr: float = 3e-3, seed: int = 0,
                             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """Train a small chat Llama on the demo's conversations, each image replaced by a description of it.
+    """Train a small Llama on the demo's texts about images, each image replaced by a description of it.
 
-    ``examples`` are (record, template name, description): a record in LLaVA's format, the conversation
-    template it is rendered in (``plain`` for captions, ``v1`` for chats) and, for a record with an image, its
-    description — ``image_tokens`` words (one token each), put where the image's tokens will be. The model
-    learns to read such a prefix as a real LLM reads text; stage 1 then teaches the projector to write what the
-    model already reads. Each step is a batch of one template (in turn, when there are several). Supervised:
-    the assistant's turns (the template's labels). The tokenizer is saved as it came (no image token), with the
-    model.
+    ``examples`` are (record, description): a record in LLaVA's format with one image, rendered in
+    ``template``, and its description — ``image_tokens`` words (one token each), put where the image's tokens
+    will be. The model learns to read such a prefix as a real LLM reads text; stage 1 then teaches the
+    projector to write what the model already reads. Supervised: the assistant's turns (the template's labels).
+    The tokenizer is saved as it came (no image token), with the model.
     """
     import copy
 
@@ -58,24 +56,21 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str]
     tok = copy.deepcopy(tokenizer)
     prepare_tokenizer(tok)
     image_id = tok.convert_tokens_to_ids("<image>")
-    encoders: dict[str, ConversationEncoder] = {}
-    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for i, (raw, template, description) in enumerate(examples):
-        if template not in encoders:
-            encoders[template] = ConversationEncoder(tok, get_template(template), image_tokens)
+    encoder = ConversationEncoder(tok, get_template(template), image_tokens)
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, (raw, description) in enumerate(examples):
         record, problems = check_record(raw, i, "demo conversations")
         if record is None:
             raise InvalidRecordsError("demo conversations", problems)
-        enc = encoders[template].encode(record)
+        enc = encoder.encode(record)
         ids = torch.tensor(enc.input_ids)
         where = (ids == image_id).nonzero().flatten()
-        words = tokenizer.convert_tokens_to_ids(description or [])
+        words = tokenizer.convert_tokens_to_ids(description)
         if len(where) != len(words) or tokenizer.unk_token_id in words:
             raise ValueError(f"demo conversation {i}: {len(where)} image positions for the description "
                              f"{description} (each word must be one token of the tokenizer)")
         ids[where] = torch.tensor(words, dtype=torch.long)
-        rows.setdefault(template, []).append((ids, torch.tensor(enc.labels)))
-    order = list(rows)
+        rows.append((ids, torch.tensor(enc.labels)))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     losses = []
@@ -83,8 +78,7 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, str, list[str]
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
-        group = rows[order[step % len(order)]]
-        picked = [group[k] for k in torch.randint(0, len(group), (batch,), generator=gen).tolist()]
+        picked = [rows[k] for k in torch.randint(0, len(rows), (batch,), generator=gen).tolist()]
         length = max(len(r[0]) for r in picked)
         ids = torch.zeros(batch, length, dtype=torch.long)
         labels = torch.full((batch, length), -100)

@@ -9,6 +9,8 @@ import base64
 import html
 from pathlib import Path
 
+from llavakit.demo.run import cpu_label
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 70em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
@@ -41,12 +43,10 @@ def _mark(right: bool) -> str:
 def write_report(path: Path, summary: dict, final: list[dict], stage1: list[dict], captions: list[dict],
                  image_root: Path, loss_curves: Path, max_images: int = 24) -> None:
     e = html.escape
-    cpu = summary["cpu"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llavakit demo</title><style>{STYLE}"
              "</style></head><body>", "<h1>llavakit demo: a tiny LLaVA trained end to end on a CPU</h1>",
              f"<p class='muted'>seed {summary['seed']}{' (quick run)' if summary['quick'] else ''}; "
-             f"{summary['wall_seconds']:.0f} s on {e(cpu['name'])} ({cpu['cores']} cores, "
-             f"{'AVX-512' if cpu['avx512'] else 'no AVX-512'}, PyTorch {e(cpu['torch_kernels'])} kernels); "
+             f"{summary['wall_seconds']:.0f} s on {e(cpu_label(summary['cpu']))}; "
              f"{summary['heldout_questions']} held-out questions</p>"]
 
     parts.append("<h2>Held-out accuracy by question type</h2><table id='accuracy'><tr><th>question type</th>"

@@ -115,6 +115,12 @@ def cpu_description() -> dict:
             "torch_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
+def cpu_label(cpu: dict) -> str:
+    """``cpu_description()`` in one line: "AMD EPYC (2 cores, AVX-512, PyTorch AVX512 kernels)"."""
+    return (f"{cpu['name']} ({cpu['cores']} cores, {'AVX-512' if cpu['avx512'] else 'no AVX-512'}, "
+            f"PyTorch {cpu['torch_kernels']} kernels)")
+
+
 def normalise(answer: str) -> str:
     """An answer as compared: up to its first full stop, lower case, without commas."""
     return " ".join(answer.split(".")[0].lower().replace(",", " ").split())
@@ -144,12 +150,14 @@ def caption_accuracy(predictor, images: list[str], scenes: dict, image_root: Pat
 
     answers = predictor.generate([Query("", str(image_root / rel)) for rel in images], max_new_tokens=48,
                                  batch_size=32)
-    captions = [a.split("\n")[0].strip() for a in answers]
-    named = sum(named_objects(scenes[rel], c) for rel, c in zip(images, captions))
-    total = sum(len(scenes[rel].objects) for rel in images)
-    return {"accuracy": named / max(1, total), "chance": 1 / (len(COLOURS) * len(SHAPES)), "objects": total,
-            "examples": [{"image": rel, "caption": c, "named": named_objects(scenes[rel], c),
-                          "objects": len(scenes[rel].objects)} for rel, c in zip(images, captions)]}
+    examples = []
+    for rel, answer in zip(images, answers):
+        caption = answer.split("\n")[0].strip()
+        examples.append({"image": rel, "caption": caption, "named": named_objects(scenes[rel], caption),
+                         "objects": len(scenes[rel].objects)})
+    total = sum(e["objects"] for e in examples)
+    return {"accuracy": sum(e["named"] for e in examples) / max(1, total),
+            "chance": 1 / (len(COLOURS) * len(SHAPES)), "objects": total, "examples": examples}
 
 
 def question_answer_text(record: dict) -> dict:
@@ -259,7 +267,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
     texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
-    examples = [(r, "plain", describe(scenes[r["image"]])) for r in texts]
+    examples = [(r, describe(scenes[r["image"]])) for r in texts]
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, image_tokens=4, batch=cfg.lm_batch, seed=seed,
@@ -388,10 +396,8 @@ def render_table(s: dict) -> str:
         lines += [f"  USER: {turn['user']}", f"  ASSISTANT: {turn['assistant']}"]
     lines += ["", f"stage-1 captions of held-out images name {s['stage1_caption_accuracy']:.0%} of the objects "
               f"(colour and shape; chance {s['stage1_caption_chance']:.0%})"]
-    cpu = s["cpu"]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in s["phase_seconds"].items())
-    lines += ["", f"done in {s['wall_seconds']:.0f} s on {cpu['name']} ({cpu['cores']} cores, "
-                  f"{'AVX-512' if cpu['avx512'] else 'no AVX-512'}, PyTorch {cpu['torch_kernels']} kernels): {phases}",
+    lines += ["", f"done in {s['wall_seconds']:.0f} s on {cpu_label(s['cpu'])}: {phases}",
               f"model: {s['outputs']['model']}",
               f"report: {s['outputs']['report']} (open it in a browser); loss curves: {s['outputs']['loss_curves']}"]
     return "\n".join(lines)
