@@ -210,6 +210,12 @@ def cmd_serve(args) -> int:
     return main(args)
 
 
+def cmd_web(args) -> int:
+    from llavakit.infer.web import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavakit", description="Train LLaVA-style vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "max-queued", type=int, default=8,
          help="requests that may wait while one generates; past that the server answers 503 at once")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("web", help="a chat page in the browser (Gradio; pip install 'llavakit[web]')")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
+    _add_sampling_args(p, 512)
+    p.set_defaults(func=cmd_web)
     return parser
 
 

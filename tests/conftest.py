@@ -140,20 +140,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model_path, *args: str):
-    """``llavakit serve`` for ``model_path`` in a real process on a free 127.0.0.1 port: yields (process,
-    port) once it says it is serving; stopped afterwards."""
+def serving(model_path, *args: str, command: str = "serve", ready: str = "serving"):
+    """``llavakit serve`` (or ``command``) for ``model_path`` in a real process on a free 127.0.0.1 port:
+    yields (process, port) once it prints ``ready``; stopped afterwards."""
     import time
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llavakit", "serve", "--model-path", str(model_path),
+    proc = subprocess.Popen([sys.executable, "-m", "llavakit", command, "--model-path", str(model_path),
                              "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
             line = proc.stdout.readline()
-            if "serving" in line:
+            if ready in line:
                 break
             if proc.poll() is not None:
                 pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
@@ -322,6 +322,17 @@ def lora_run(backbones, train_data, stage1, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     res = run(lora_config(backbones, train_data, out, stage1["out"] / "mm_projector.bin", max_steps=3))
     return {"out": out, "result": res}
+
+
+# ---- the demo's quick run (its tests, and the web page's browser test, use its model) --------------------
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``llavakit demo --quick`` as a user runs it: its output directory and the finished process."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    r = subprocess.run([sys.executable, "-m", "llavakit", "demo", "--quick", "--output", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
 
 
 # ---- small copies of the repositories users download (see hub_repos.py) ---------------------------

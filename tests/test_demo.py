@@ -4,11 +4,11 @@ import hashlib
 import html
 import json
 import subprocess
-import sys
 
 import pytest
 
 from llavakit.demo.scenes import ANSWER_SETS, chance_accuracy, write_dataset
+from tests.browser import ARTIFACTS, CHROMIUM_FLAGS, chromium
 
 
 def _digest(root):
@@ -55,15 +55,6 @@ def test_no_training_turn_gives_away_another_turns_answer(tmp_path):
                 assert j == k or answer not in question.replace("?", "").split(), conv
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    r = subprocess.run([sys.executable, "-m", "llavakit", "demo", "--quick", "--output", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
-
-
 @pytest.mark.slow
 def test_quick_demo_end_to_end(quick_demo):
     out, r = quick_demo
@@ -86,23 +77,6 @@ def test_quick_demo_end_to_end(quick_demo):
     assert AutoModelForImageTextToText.from_pretrained(out / "stage2").config.model_type == "llava"
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def chromium() -> str:
-    """Debian's Chromium; CI installs it (.ci/run), elsewhere a test without it is skipped."""
-    import os
-    import shutil
-
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (CI installs it: apt-get install chromium)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium)")
-    return path
-
-
 @pytest.mark.slow
 def test_demo_report_opens_from_disk_in_headless_chromium(quick_demo, tmp_path):
     """report.html, opened from disk in a real browser: every image decodes, the tables and captions are there;
@@ -123,7 +97,8 @@ def test_demo_report_opens_from_disk_in_headless_chromium(quick_demo, tmp_path):
     for example in s["stage1_captions"][:3]:
         assert html.escape(example["caption"]) in dom.stdout
     assert dom.stdout.count("class=\"wrong\"") + dom.stdout.count("class=\"right\"") >= 2 * s["heldout_questions"] // 5
-    shot = out / "report.png"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "demo-report.png"
     r = subprocess.run([*browser, "--window-size=1200,1600", f"--screenshot={shot}", page], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -62,6 +62,19 @@ def chat_template_for(template, tokenizer) -> str:
         "{% endif %}")
 
 
+def template_name_of(chat_template: str | None, tokenizer) -> str | None:
+    """The name of llavakit's template that saved ``chat_template`` (``vicuna_v1``, ``plain``, ...), or None
+    for another one (a tokenizer's own, an edited one)."""
+    from llavakit.data.templates import TEMPLATES
+
+    if not chat_template:
+        return None
+    for name, template in TEMPLATES.items():
+        if chat_template_for(template, tokenizer) == chat_template:
+            return name
+    return None
+
+
 def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None):
     from transformers import LlavaProcessor
 
