@@ -180,3 +180,39 @@ def test_language_model_pretraining_reads_descriptions_in_place_of_the_image(tmp
     with pytest.raises(ValueError, match="image positions"):
         pretrain_language_model(tok, [(examples[0][0], examples[0][1][:3])], tmp_path / "lm2", hidden=32,
                                 layers=1, steps=1, image_tokens=4, batch=2)
+
+
+def test_composed_descriptions_share_their_parts_and_train(tmp_path):
+    """With ``parts``, a description word's saved embedding is the sum of its parts': swapping the colour
+    moves two different words by the same vector. The parts train (they are what the model reads), and the
+    words' embeddings are written into the plain Llama that is saved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llavakit.demo.backbones import train_tokenizer
+    from llavakit.demo.pretrain import pretrain_language_model
+    from llavakit.demo.scenes import DESCRIPTION_WORDS, describe, description_parts
+
+    assert description_parts("[top-left:large-red-circle]") == ("top-left", "large", "red", "circle")
+    assert description_parts("[bottom-right:empty]") == ("bottom-right", "empty")
+    data = write_dataset(tmp_path / "d", 8, 1, 56, seed=0)
+    tok = train_tokenizer([c["conversations"][1]["value"] for c in data["captions"]], vocab_size=200,
+                          extra_special_tokens=[])
+    tok.add_tokens(list(DESCRIPTION_WORDS))
+    examples = [(r, describe(data["scenes"][r["image"]])) for r in data["captions"]]
+    parts = {w: description_parts(w) for w in DESCRIPTION_WORDS}
+    for steps, out in ((0, tmp_path / "lm0"), (3, tmp_path / "lm3")):
+        pretrain_language_model(tok, examples, out, hidden=32, layers=1, steps=steps, image_tokens=4, batch=4,
+                                parts=parts)
+    emb = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name).get_input_embeddings().weight.detach()
+           for name in ("lm0", "lm3")}
+
+    def row(name, word):
+        return emb[name][tok.convert_tokens_to_ids(word)]
+
+    for name in ("lm0", "lm3"):
+        a = row(name, "[top-left:large-red-circle]") - row(name, "[top-left:large-blue-circle]")
+        b = row(name, "[bottom-right:small-red-square]") - row(name, "[bottom-right:small-blue-square]")
+        assert torch.allclose(a, b, atol=1e-6) and a.norm() > 0
+    used = describe(data["scenes"][examples[0][0]["image"]])[0]
+    assert not torch.allclose(row("lm0", used), row("lm3", used))  # trained

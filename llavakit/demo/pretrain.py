@@ -35,7 +35,7 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], out: str | Path, *, hidden: int,
                             layers: int, steps: int, image_tokens: int, template: str = "plain", batch: int = 32,
-                            lr: float = 3e-3, seed: int = 0,
+                            lr: float = 3e-3, seed: int = 0, parts: dict[str, tuple[str, ...]] | None = None,
                             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Train a small Llama on the demo's texts about images, each image replaced by a description of it.
 
@@ -44,6 +44,12 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
     will be. The model learns to read such a prefix as a real LLM reads text; stage 1 then teaches the
     projector to write what the model already reads. Supervised: the assistant's turns (the template's labels).
     The tokenizer is saved as it came (no image token), with the model.
+
+    ``parts`` (description word → the names of its parts, e.g. place, size, colour, shape) composes each such
+    word's input embedding from its parts' during training, as a real LLM composes a phrase from its words:
+    one learned vector per part name, a word's embedding their sum (scaled by 1/sqrt of their number). What
+    is learned about "circle" is then learned for every word with a circle in it. The composed embeddings
+    are written into the embedding matrix at the end, so the saved model is a plain Llama.
     """
     import copy
 
@@ -72,7 +78,10 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         ids[where] = torch.tensor(words, dtype=torch.long)
         rows.append((ids, torch.tensor(enc.labels)))
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    composed = _Composed(tokenizer, parts, model.config.hidden_size, model.config.initializer_range, seed) \
+        if parts else None
+    params = [*model.parameters(), *(composed.parameters() if composed else ())]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     losses = []
     model.train()
     for step in range(steps):
@@ -85,16 +94,60 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         mask = torch.zeros(batch, length, dtype=torch.long)
         for b, (row_ids, row_labels) in enumerate(picked):
             ids[b, :len(row_ids)], labels[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, row_labels, 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if composed is None:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            embeds = composed(ids, model.get_input_embeddings()(ids))
+            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
         if progress:
             progress(step, steps, losses[-1])
+    if composed is not None:
+        composed.write_into(model.get_input_embeddings())
     save_llama(model, tokenizer, out)
     return losses
+
+
+class _Composed(torch.nn.Module):
+    """Input embeddings of some words composed from their parts' (see ``pretrain_language_model``)."""
+
+    def __init__(self, tokenizer, parts: dict[str, tuple[str, ...]], hidden: int, std: float, seed: int):
+        super().__init__()
+        names = sorted({n for ps in parts.values() for n in ps})
+        ids = tokenizer.convert_tokens_to_ids(list(parts))
+        if tokenizer.unk_token_id in ids:
+            raise ValueError("every composed word must be one token of the tokenizer")
+        weights = torch.zeros(len(parts), len(names))
+        for row, ps in enumerate(parts.values()):
+            for n in ps:
+                weights[row, names.index(n)] = 1 / math.sqrt(len(ps))
+        self.register_buffer("weights", weights)  # word × part
+        self.register_buffer("word_ids", torch.tensor(ids))
+        row_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
+        row_of[self.word_ids] = torch.arange(len(ids))
+        self.register_buffer("row_of", row_of)  # token id → its row in `weights`, -1 for other tokens
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.part = torch.nn.Parameter(torch.randn(len(names), hidden, generator=gen) * std)
+
+    def table(self) -> torch.Tensor:
+        return self.weights @ self.part
+
+    def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        rows = self.row_of[ids]
+        where = rows >= 0
+        if not where.any():
+            return embeds
+        embeds = embeds.clone()
+        embeds[where] = self.table()[rows[where]]
+        return embeds
+
+    @torch.no_grad()
+    def write_into(self, embedding: torch.nn.Embedding) -> None:
+        embedding.weight[self.word_ids] = self.table().to(embedding.weight.dtype)
 
 
 def pretrain_vision(images: list[np.ndarray], quadrant_labels: np.ndarray, out: str | Path, *, image_size: int,

@@ -47,6 +47,9 @@ class DemoConfig:
     # 600 (measured); half of these steps are captions, half question-answer texts
     lm_steps: int = 900
     lm_batch: int = 32
+    # each description word's embedding is the sum of its parts' (place, size, colour, shape) while the
+    # language model learns to read them
+    lm_composed_descriptions: bool = True
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
@@ -258,7 +261,12 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     from llavakit.data.images import ImageTransform, open_image
     from llavakit.demo.backbones import train_tokenizer
     from llavakit.demo.pretrain import pretrain_language_model, pretrain_vision
-    from llavakit.demo.scenes import DESCRIPTION_WORDS, QUADRANT_ATTRIBUTES, quadrant_labels
+    from llavakit.demo.scenes import (
+        DESCRIPTION_WORDS,
+        QUADRANT_ATTRIBUTES,
+        description_parts,
+        quadrant_labels,
+    )
 
     # the language model reads text as Vicuna does: here, a description of a scene (one word per quadrant, put
     # where the image's tokens will be) followed by its caption, or by questions about it and their answers;
@@ -271,6 +279,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,
                                         steps=cfg.lm_steps, image_tokens=4, batch=cfg.lm_batch, seed=seed,
+                                        parts={w: description_parts(w) for w in DESCRIPTION_WORDS}
+                                        if cfg.lm_composed_descriptions else None,
                                         progress=p.loop("language model"))
     transform = ImageTransform(shortest_edge=cfg.image_size, crop_hw=(cfg.image_size, cfg.image_size))
     image_root = Path(files["images"])

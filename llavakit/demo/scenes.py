@@ -222,6 +222,12 @@ DESCRIPTION_WORDS = tuple(_word(p, o) for p in PLACES for o in
                           [None, *(Obj(c, s, z, p) for z in SIZES for c in COLOURS for s in SHAPES)])
 
 
+def description_parts(word: str) -> tuple[str, ...]:
+    """What a :data:`DESCRIPTION_WORDS` word is made of: its place, then size, colour and shape (or "empty")."""
+    place, what = word[1:-1].split(":")
+    return (place, *what.split("-"))
+
+
 def describe(scene: Scene) -> list[str]:
     """What is in each quadrant (in ``PLACES`` order, the order of the vision tower's patches), one
     :data:`DESCRIPTION_WORDS` word each: the text the demo's language model learns to read in place of the
