@@ -154,6 +154,17 @@ def test_the_page_in_headless_chromium_answers_as_predict_does(quick_demo, tmp_p
             shown = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
             assert shown == expected
             assert page.locator('#chat [data-testid="user"] img').count() == 1
+            # Regenerate answers the same question again (greedy: the same answer), in place
+            page.evaluate("""() => { window.statuses = [];
+                new MutationObserver(() => window.statuses.push(document.querySelector('#status').innerText))
+                    .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true});
+            }""")
+            page.locator("#regenerate").click()
+            page.wait_for_function("window.statuses.some(s => s.startsWith('Answering')) && "
+                                   "document.querySelector('#status').innerText.startsWith('Answered')",
+                                   timeout=120_000)
+            assert page.locator('#chat [data-testid="bot"]').count() == 1
+            assert page.locator('#chat [data-testid="bot"]').last.inner_text().strip() == expected
             for close in page.locator(".toast-close").all():  # the empty question's message, read above
                 close.click()
             ARTIFACTS.mkdir(exist_ok=True)

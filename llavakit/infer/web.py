@@ -207,10 +207,11 @@ def build_app(predictor, *, title: str, examples: list[tuple[str, str]] = (), te
             gr.Examples([[{"text": q, "files": [img]}] for img, q in examples], inputs=[box],
                         label="Examples")
         settings = [temp, p, max_new]
+        # one model: every answer, asked or regenerated, waits in one queue
         box.submit(ask, [turns, box], [turns, chat, box, status]).success(
-            respond, [turns, *settings], [turns, chat, status])
+            respond, [turns, *settings], [turns, chat, status], concurrency_id="model")
         regenerate.click(again, [turns], [turns, chat, status]).success(
-            respond, [turns, *settings], [turns, chat, status])
+            respond, [turns, *settings], [turns, chat, status], concurrency_id="model")
         clear.click(lambda: ([], [], None, "Ready."), None, [turns, chat, box, status])
         chat.clear(lambda: ([], "Ready."), None, [turns, status])  # the chat's own bin icon
     app.llavakit_theme = theme  # launch() takes the theme in Gradio 6
