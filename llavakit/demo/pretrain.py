@@ -139,8 +139,6 @@ class _Composed(torch.nn.Module):
     def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         rows = self.row_of[ids]
         where = rows >= 0
-        if not where.any():
-            return embeds
         embeds = embeds.clone()
         embeds[where] = self.table()[rows[where]]
         return embeds

@@ -349,6 +349,12 @@ def make_server(predictor, opts: ServeOptions, host: str = "127.0.0.1", port: in
     return server
 
 
+def warn_if_exposed(host: str) -> None:
+    """A warning when a server listens beyond this machine (``serve``, ``web``)."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: anyone who can reach this address can use the model", host)
+
+
 def main(args) -> int:
     from llavakit.infer.generate import Predictor
     from llavakit.infer.predict import model_id_for
@@ -364,8 +370,7 @@ def main(args) -> int:
                          f"{opts.max_tokens_limit}")
     server = make_server(predictor, opts, args.host, args.port)
     host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s: anyone who can reach this address can use the model", args.host)
+    warn_if_exposed(args.host)
     print(f"serving {opts.model_id} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

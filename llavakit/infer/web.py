@@ -91,11 +91,11 @@ def answer(predictor, turns: list[Turn], sampling, usage: dict | None = None) ->
         raise WebInputError("Ask a question first.")
     messages, images = to_messages(turns)
     try:
-        inputs, sampling = predictor.prepare(messages, images, sampling)
+        pieces = predictor.chat_stream(messages, images, sampling, usage=usage)  # the prompt is checked here
     except ValueError as e:
         raise WebInputError(f"{e}. Clear the conversation (or ask with fewer images).") from None
     text = ""
-    for piece in predictor.stream(inputs, sampling, usage=usage):
+    for piece in pieces:
         text += piece
         yield text.strip()
 
@@ -237,14 +237,14 @@ def main(args) -> int:
     except ImportError:
         raise ValueError("llavakit web needs Gradio: pip install 'llavakit[web]'") from None
     from llavakit.infer.generate import Predictor
+    from llavakit.infer.serve import warn_if_exposed
 
     predictor = Predictor.from_pretrained(args.model_path, model_base=args.model_base, device=args.device,
                                           conv_mode=args.conv_mode)
     examples = find_examples(args.model_path)
     app = build_app(predictor, title=args.model_path, examples=examples, temperature=args.temperature,
                     top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s: anyone who can reach this address can use the model", args.host)
+    warn_if_exposed(args.host)
     url = launch(app, host=args.host, port=args.port, share=args.share,
                  allowed_paths=sorted({os.path.dirname(img) for img, _ in examples}))
     print(f"llavakit web: {args.model_path} at {url} (Ctrl-C stops)", flush=True)
