@@ -128,6 +128,17 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+def cmd_data_shard(args) -> int:
+    from llavakit.data.shards import parse_size, write_shards
+
+    report = write_shards(args.data_path, args.image_folder, args.output, parse_size(args.shard_size),
+                          workers=args.workers, encoder=_encoder(args) if args.tokenizer else None,
+                          progress=sys.stderr.isatty())
+    print(report.summary())
+    print(f"train with --data_path {args.output} (or a brace pattern of its shards, or its URL once uploaded)")
+    return 0
+
+
 def cmd_eval_score(args) -> int:
     from llavakit.eval.run import judge_from_args
     from llavakit.eval.score import score_benchmark
@@ -275,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(p, required=False)
     p.set_defaults(func=cmd_data_convert)
 
+    p = data.add_parser("shard", help="write checked records and their images as WebDataset tar shards (resumable)")
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--image_folder", default=None)
+    p.add_argument("--output", required=True)
+    _opt(p, "shard-size", default="1GB", help="about this many bytes per shard (1GB, 500MB, ...)")
+    p.add_argument("--workers", type=int, default=None, help="processes checking images and writing shards "
+                                                             "(default: all cores)")
+    _add_encoder_args(p, required=False)
+    p.set_defaults(func=cmd_data_shard)
+
     ev = sub.add_parser("eval", help="evaluate on the LLaVA-1.5 benchmarks").add_subparsers(dest="eval_cmd",
                                                                                           required=True)
     from llavakit.eval.score import BENCHMARKS
@@ -380,12 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     from llavakit.data.download import DownloadError
+    from llavakit.data.shards import ShardError
 
     try:
         return int(args.func(args) or 0)
     # llavakit's input errors are ValueErrors (records, templates, models, questions, archives, scoring
-    # inputs); a download that cannot finish is a DownloadError
-    except (ValueError, FileNotFoundError, DownloadError) as e:
+    # inputs); a download that cannot finish is a DownloadError, shards that cannot be written a ShardError
+    except (ValueError, FileNotFoundError, DownloadError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

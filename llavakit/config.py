@@ -45,13 +45,21 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON / JSONL, or a converted directory"})
+    data_path: str | None = field(default=None, metadata={
+        "help": "LLaVA JSON / JSONL, a converted directory, or shards (`llavakit data shard`): their directory, a "
+                "brace pattern of .tar files, or an fsspec URL (s3://, gs://, https://)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility; always lazy"})
     is_multimodal: bool = field(default=False, metadata={"help": "accepted for compatibility"})
     image_folder: str | None = field(default=None)
     image_aspect_ratio: str = field(default="square", metadata={"help": "square (resize + crop) or pad"})
     max_bad_fraction: float = field(default=0.01, metadata={
         "help": "stop when more than this fraction of the samples seen had an unreadable image"})
+    shuffle_buffer: int = field(default=1000, metadata={
+        "help": "shards: samples read, shuffled and grouped into batches together (rounded to a multiple of the "
+                "batch size; each data-loader worker holds one such window of raw bytes)"})
+    shard_timeout: float = field(default=60.0, metadata={
+        "help": "shards over http(s): seconds without a byte before a read is retried"})
+    shard_retries: int = field(default=3, metadata={"help": "shards: retries of a failed read before the run stops"})
 
 
 @dataclass
@@ -228,9 +236,11 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     errors = []
     if not m.model_name_or_path:
         errors.append("--model_name_or_path is required")
+    from llavakit.data.shards import is_shard_source
+
     if not d.data_path:
         errors.append("--data_path is required")
-    elif not os.path.exists(d.data_path):
+    elif not os.path.exists(d.data_path) and not is_shard_source(d.data_path):
         errors.append(f"--data_path {d.data_path}: no such file or directory")
     if d.image_folder and not os.path.isdir(d.image_folder):
         errors.append(f"--image_folder {d.image_folder}: no such directory")
@@ -272,6 +282,10 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     if t.packing_max_length is not None and t.packing_max_length < t.model_max_length:
         errors.append(f"--packing_max_length {t.packing_max_length} is shorter than --model_max_length "
                       f"{t.model_max_length}: a sample must fit a packed row")
+    if d.shuffle_buffer < 1:
+        errors.append(f"--shuffle_buffer {d.shuffle_buffer}: use 1 or more samples")
+    if d.shard_timeout <= 0 or d.shard_retries < 0:
+        errors.append("--shard_timeout must be positive and --shard_retries 0 or more")
     if t.length_group_steps < 1:
         errors.append(f"--length_group_steps {t.length_group_steps}: use 1 or more")
     elif t.length_group_steps > 1 and not (t.group_by_modality_length or t.group_by_length):

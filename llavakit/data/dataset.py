@@ -56,14 +56,26 @@ class SampleIndex:
         return np.where(self.has_image, self.lengths, -self.lengths)
 
 
+def _content_id(src: Path) -> str | None:
+    """A record directory's own fingerprint (shard directories carry one), the same in every copy of it."""
+    try:
+        return json.loads((src / RecordStore.META).read_text()).get("content_id") if src.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _cache_key(store: RecordStore, encoder: ConversationEncoder) -> str:
     h = hashlib.sha256()
     src = Path(store.source)
-    st = src.stat() if src.exists() else None
-    target = src / RecordStore.OFFSETS if src.is_dir() else src
-    st = target.stat() if target.exists() else st
-    h.update(json.dumps([str(src.resolve()), len(store), st.st_size if st else 0,
-                         st.st_mtime_ns if st else 0]).encode())
+    content = _content_id(src)
+    if content:
+        h.update(content.encode())
+    else:  # a file or converted directory: its path, size and time stand for its content
+        st = src.stat() if src.exists() else None
+        target = src / RecordStore.OFFSETS if src.is_dir() else src
+        st = target.stat() if target.exists() else st
+        h.update(json.dumps([str(src.resolve()), len(store), st.st_size if st else 0,
+                             st.st_mtime_ns if st else 0]).encode())
     h.update(encoder.template.name.encode())
     h.update(repr(encoder.image_block[:2] + [len(encoder.image_block)]).encode())
     h.update(str(encoder.add_bos).encode())
@@ -211,11 +223,15 @@ class LlavaDataset(Dataset):
         enc = self.encoder.fit(self.encoder.encode(rec), self.model_max_length)
         images = None
         if rec.images:
-            arrs = [self.transform.to_uint8(open_image(resolve_image(self.image_folder, p))) for p in rec.images]
+            arrs = [self.transform.to_uint8(im) for im in self.open_images(i, rec.images)]
             images = torch.from_numpy(np.stack(arrs))
         return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long),
                 "images": images, "id": rec.id}
+
+    def open_images(self, i: int, paths: list[str]) -> list:
+        """Sample ``i``'s images (its record's ``paths``), decoded."""
+        return [open_image(resolve_image(self.image_folder, p)) for p in paths]
 
     def __getitem__(self, i: int) -> dict:
         """Sample ``i``, or the next loadable one of its modality; the sample records which ones it replaced

@@ -1,10 +1,11 @@
-"""Training callbacks: the one-screen summary at the end of a run, and the bad-sample guard."""
+"""Training callbacks: the one-screen summary at the end of a run, the bad-sample guard, the sampler's epoch."""
 
 from __future__ import annotations
 
 import os
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 
 class SummaryCallback(TrainerCallback):
@@ -70,3 +71,47 @@ class DataQualityCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.check_data_quality()
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Tells llavakit's batch sampler the epoch before each one starts. The Trainer does it too, but on a
+    resume under several ranks its call does not reach a sampler wrapped in accelerate's shard and skip
+    wrappers, and the resumed epoch would be planned as epoch 0."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        import math
+
+        sampler = self.trainer.batch_sampler
+        if sampler is not None:
+            sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
+class ShardPlanState(TrainerCallback, ExportableState):
+    """Keeps in every checkpoint the ranks × workers the shard plan was cut for (``trainer_state.json``), so
+    that a resume with others can say what it changes (:func:`warn_if_plan_changed`)."""
+
+    def __init__(self, world_size: int, workers: int):
+        self.world_size = world_size
+        self.workers = workers
+
+    def state(self) -> dict:
+        return {"args": {"world_size": self.world_size, "workers": self.workers}, "attributes": {}}
+
+    def warn_if_plan_changed(self, checkpoint: str) -> None:
+        import json
+        import logging
+
+        try:
+            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+                saved = json.load(f).get("stateful_callbacks", {}).get(type(self).__name__, {}).get("args")
+        except (OSError, ValueError):
+            return
+        if saved and (saved["world_size"], saved["workers"]) != (self.world_size, self.workers):
+            logging.getLogger("llavakit.train").warning(
+                "resumed with %d rank(s) x %d data-loader worker(s); the checkpoint's shard plan had %d x %d. Finished "
+                "epochs are unaffected; the epoch in progress is cut anew, so some of its samples will be seen twice "
+                "and some not at all (at most as many as were trained before the stop); later epochs see each "
+                "sample once", self.world_size, self.workers, saved["world_size"], saved["workers"])

@@ -111,6 +111,7 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     from llavakit.data.dataset import LlavaDataset, build_sample_index
     from llavakit.data.images import ImageTransform
     from llavakit.data.records import load_records
+    from llavakit.data.shards import is_shard_source
     from llavakit.data.templates import get_template
     from llavakit.data.tokenize import ConversationEncoder
 
@@ -118,7 +119,26 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     encoder = ConversationEncoder(tokenizer, template, num_image_tokens,
                                   mm_use_im_start_end=model_args.mm_use_im_start_end,
                                   max_length=train_args.model_max_length)
-    store, valid, problems = load_records(data_args.data_path)
+    source = samples = None
+    if is_shard_source(data_args.data_path):
+        import numpy as np
+
+        from llavakit.data.shards import SAMPLES, ShardSource
+
+        source = ShardSource(data_args.data_path, data_args.shard_timeout, data_args.shard_retries)
+        with train_args.main_process_first(desc="shard index"):
+            local = source.local_dir()
+        shards = source.selected_shards()
+        source.check_shards(shards)
+        store, valid, problems = load_records(local)
+        samples = dict(np.load(local / SAMPLES))
+        if source.selected is not None:
+            chosen = np.isin(samples["shard"], shards)
+            valid = [k for k in valid if chosen[k]]
+        logger.info("shards: %s, %d of %d shard(s), %d samples", source.root, len(shards),
+                    len(source.shard_names()), len(valid))
+    else:
+        store, valid, problems = load_records(data_args.data_path)
     for p in problems:
         logger.warning(p.message)
     with train_args.main_process_first(desc="length index"):
@@ -136,11 +156,18 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         why = (f"all {len(index.skipped)} skipped (listed in {os.path.join(train_args.output_dir, SKIPPED_REPORT)}; "
                f"first: {index.skipped[0]['message']})" if index.skipped else "it holds no valid record")
         raise NoSamplesError(f"{data_args.data_path}: no sample left to train on: {why}")
-    if index.has_image.any() and not data_args.image_folder:
+    if index.has_image.any() and not data_args.image_folder and source is None:
         logger.warning("no --image_folder: image paths are taken as they are (absolute or relative to the cwd)")
     transform = ImageTransform.from_processor(image_processor, data_args.image_aspect_ratio)
-    dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
-                           report_path=os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT))
+    report = os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT)
+    if source is not None:
+        from llavakit.data.stream import ShardDataset
+
+        dataset = ShardDataset(store, index, encoder, transform, None, train_args.model_max_length,
+                               report_path=report, source=source, samples=samples, window=data_args.shuffle_buffer)
+    else:
+        dataset = LlavaDataset(store, index, encoder, transform, data_args.image_folder, train_args.model_max_length,
+                               report_path=report)
     # workers hand over uint8 pixels (a quarter of the bytes); the trainer normalises them on the device
     collator = LlavaCollator(tokenizer.pad_token_id, transform, normalize=False, packing=train_args.packing,
                              packing_max_length=packing_capacity(train_args))
@@ -229,7 +256,12 @@ def run(config: RunConfig | list[str]) -> RunResult:
     if train_args.process_index == 0:  # only once the data and the model are known good
         config.save(os.path.join(train_args.output_dir, RESOLVED_CONFIG))
     from llavakit.data.dataset import BadSampleGuard
-    from llavakit.train.callbacks import DataQualityCallback, SummaryCallback
+    from llavakit.train.callbacks import (
+        DataQualityCallback,
+        SamplerEpochCallback,
+        ShardPlanState,
+        SummaryCallback,
+    )
     from llavakit.train.checkpoints import StopOnSignal, StopRequest
     from llavakit.train.trainer import LlavaTrainer
 
@@ -240,6 +272,12 @@ def run(config: RunConfig | list[str]) -> RunResult:
     trainer.bad_sample_guard = BadSampleGuard(data_args.max_bad_fraction, total=len(dataset),
                                               report_path=dataset.report_path)
     trainer.add_callback(DataQualityCallback(trainer))
+    trainer.add_callback(SamplerEpochCallback(trainer))
+    if getattr(dataset, "source", None) is not None:
+        plan_state = ShardPlanState(train_args.world_size, max(1, train_args.dataloader_num_workers))
+        trainer.add_callback(plan_state)
+        if resume and train_args.process_index == 0:
+            plan_state.warn_if_plan_changed(resume)
     from llavakit.train.throughput import MeterCallback, ModelFlops, ThroughputMeter, detect_peak_tflops
 
     trainer.meter = ThroughputMeter(trainer, ModelFlops.of(model, parts.num_image_tokens),
@@ -290,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     from llavakit.config import ConfigError
     from llavakit.data.dataset import DataQualityError
     from llavakit.data.records import InvalidRecordsError, RecordFileError
+    from llavakit.data.shards import ShardError
     from llavakit.data.templates import TemplateError
     from llavakit.data.tokenize import TokenizerLoadError
     from llavakit.model.build import ModelLoadError
@@ -300,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv)
     except (ConfigError, OutputDirError, RecordFileError, InvalidRecordsError, TemplateError, ModelLoadError,
-            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError, NoSamplesError, DataQualityError) as e:
+            ProjectorFileError, CheckpointMismatchError, TokenizerLoadError, NoSamplesError, DataQualityError,
+            ShardError) as e:
         print(f"llavakit train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if result.stopped:  # not finished: the shell convention for a signal, so job scripts do not go on

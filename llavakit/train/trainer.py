@@ -27,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from llavakit.data.sampler import LengthGroupedBatchSampler
+from llavakit.data.stream import ShardDataset
 from llavakit.internals import TrainerSeam, attention_kernel
 from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
@@ -74,18 +75,31 @@ class LlavaTrainer(TrainerSeam, Trainer):
         self.last_replaced: dict | None = None
         self.bad_sample_guard = None  # a BadSampleGuard, checked after every optimizer step
         self.meter = None  # a ThroughputMeter: rates and MFU added to every training log
+        self.batch_sampler = None  # llavakit's batch sampler, when the dataloader uses one
 
     # ---- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
-        if not (args.group_by_modality_length or args.group_by_length):
-            return super().get_train_dataloader()
         ds = self.train_dataset
-        sampler = LengthGroupedBatchSampler(
-            ds.modality_lengths, args.per_device_train_batch_size, args.world_size,
-            args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
-            has_image=ds.index.has_image, seed=args.seed, drop_last=args.dataloader_drop_last,
-            window_steps=args.length_group_steps)
+        if isinstance(ds, ShardDataset):  # shards: the plan decides what each rank and worker reads
+            sampler = ds.sampler(args.per_device_train_batch_size, args.world_size, args.dataloader_num_workers,
+                                 seed=args.seed, group_by_modality=args.group_by_modality_length,
+                                 sort_by_length=args.group_by_modality_length or args.group_by_length,
+                                 drop_last=args.dataloader_drop_last)
+            left = len(ds) - sampler.samples_per_epoch
+            logger.info("shards: each epoch %d of %d samples in %d share(s) of %d (%d rank(s) x %d worker(s)), read in "
+                        "windows of %d%s", sampler.samples_per_epoch, len(ds), sampler.readers, sampler.share,
+                        sampler.world_size, sampler.workers, sampler.window,
+                        f"; {left} left for a later epoch (another shard order)" if left else "")
+        elif not (args.group_by_modality_length or args.group_by_length):
+            return super().get_train_dataloader()
+        else:
+            sampler = LengthGroupedBatchSampler(
+                ds.modality_lengths, args.per_device_train_batch_size, args.world_size,
+                args.gradient_accumulation_steps, group_by_modality=args.group_by_modality_length,
+                has_image=ds.index.has_image, seed=args.seed, drop_last=args.dataloader_drop_last,
+                window_steps=args.length_group_steps)
+        self.batch_sampler = sampler
         params = {"batch_sampler": sampler, "collate_fn": self.data_collator,
                   "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
                   "persistent_workers": args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
