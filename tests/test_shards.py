@@ -231,6 +231,9 @@ def test_train_from_a_shard_folder_with_workers_and_from_a_brace_pattern(backbon
     # without workers: one share per rank, the same samples in another order
     again = run(config(tmp_path / "again", shards, dataloader_num_workers=0, num_train_epochs=1))
     assert again.summary["samples_seen"] == 48 and again.summary["steps"] == 24
+    # --max_steps past an epoch: the next epoch's plan continues, as with JSON data
+    res = run(config(tmp_path / "steps", shards, max_steps=30, packing="True"))
+    assert res.summary["steps"] == 30 and res.summary["samples_seen"] == 60
     # a brace pattern picks shards
     index = json.loads((shards / "index.json").read_text())
     n = sum(x["samples"] for x in index["shards"][1:3])
@@ -336,7 +339,7 @@ def test_a_stalled_server_is_retried_then_named(backbones, train_data, shards, t
     assert time.time() - t0 < 200
 
 
-def test_a_missing_shard_is_an_error_naming_it(backbones, train_data, shards, tmp_path):
+def test_a_missing_shard_is_an_error_naming_it(backbones, train_data, shards, tmp_path, capsys):
     copy = tmp_path / "copy"
     import shutil
 
@@ -347,6 +350,11 @@ def test_a_missing_shard_is_an_error_naming_it(backbones, train_data, shards, tm
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 2
     assert "shard-000003.tar: not found" in r.stderr and "1 of" in r.stderr, r.stderr[-2000:]
+    # object storage whose fsspec package is not installed: named, before any weight is loaded
+    from llavakit.train.entry import main
+
+    assert main(_shard_flags(backbones, train_data, tmp_path / "s3", "s3://no-such-bucket/shards")) == 2
+    assert "s3://no-such-bucket/shards: cannot open s3:// (Install s3fs" in capsys.readouterr().err
 
 
 def test_a_corrupt_member_is_a_counted_skip(backbones, train_data, shards, tmp_path):

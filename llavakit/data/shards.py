@@ -130,13 +130,18 @@ def _write_shard(job: dict) -> dict:
             end = m.offset_data + (m.size + 511) // 512 * 512
             span = spans.setdefault(key, [m.offset, end])
             span[0], span[1] = min(span[0], m.offset), max(span[1], end)
-    data = tmp.read_bytes()
     rows = []
-    for k, _, _ in job["samples"]:
-        start, end = spans[key_of(k)]
-        rows.append((k, start, end - start, zlib.crc32(data[start:end])))
-    entry = {"name": job["name"], "samples": len(rows), "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest(), "rows": rows}
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:  # one sample in memory at a time, not the shard
+        for k, _, _ in job["samples"]:
+            start, end = spans[key_of(k)]
+            f.seek(start)
+            rows.append((k, start, end - start, zlib.crc32(f.read(end - start))))
+        f.seek(0)
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        size = f.tell()
+    entry = {"name": job["name"], "samples": len(rows), "bytes": size, "sha256": digest.hexdigest(), "rows": rows}
     os.replace(tmp, final)
     (out / PARTIAL / (job["name"] + ".json")).write_text(json.dumps(entry))
     return entry
@@ -347,7 +352,10 @@ class ShardSource:
                 # a stalled read fails after `timeout` seconds without a byte, then is retried
                 options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
                     total=None, sock_connect=self.timeout, sock_read=self.timeout)}
-            self._fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
+            try:
+                self._fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
+            except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec names the package
+                raise ShardError(f"{self.root}: cannot open {protocol}:// ({e})") from None
             self._pid = os.getpid()
         return self._fs
 

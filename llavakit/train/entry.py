@@ -128,8 +128,9 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         source = ShardSource(data_args.data_path, data_args.shard_timeout, data_args.shard_retries)
         with train_args.main_process_first(desc="shard index"):
             local = source.local_dir()
-        shards = source.selected_shards()
-        source.check_shards(shards)
+            shards = source.selected_shards()
+            if train_args.process_index == 0:  # one rank asks the storage about every shard
+                source.check_shards(shards)
         store, valid, problems = load_records(local)
         samples = dict(np.load(local / SAMPLES))
         if source.selected is not None:
