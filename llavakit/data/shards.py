@@ -189,8 +189,8 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
             report.shards_reused, report.bytes = report.shards, sum(s["bytes"] for s in index["shards"])
             report.seconds = time.time() - t0
             return report
-        raise ShardError(f"{out} already holds other shards (written from other records or images); choose "
-                         "another --output or remove it")
+        raise ShardError(f"{out} already holds other shards (written from other records, images or --shard-size); "
+                         "choose another --output or remove it")
     partial = out / PARTIAL
     plan_file = partial / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()).get("fingerprint") != fingerprint:
