@@ -143,7 +143,7 @@ def main() -> None:
         "stream_samples": seen, "stream_samples_per_second_2_workers": round(seen / stream_seconds, 1),
         "workers_uss_mib_first": round(rss[0], 1), "workers_uss_mib_max": round(max(rss), 1),
         "workers_uss_mib_last": round(rss[-1], 1),
-        "workers_uss_mib_after_epoch_1_max": round(max(r for s, r in samples_rss if s > args.n), 1),
+        "workers_uss_mib_after_epoch_1_max": max((round(r, 1) for s, r in samples_rss if s > args.n), default=None),
     })
     print(json.dumps(results))
 
