@@ -247,8 +247,11 @@ class LlavaDataset(Dataset):
             except (ImageLoadError, SampleTooLong) as e:
                 replaced.append(self._report_bad(j, e))
                 j = self._replacement(j)
-        raise DataQualityError(f"{self.store.source}: 64 samples in a row failed to load near index {i}; "
-                               f"check --image_folder ({self.image_folder}) with `llavakit data check`")
+        raise DataQualityError(f"{self.store.source}: 64 samples in a row failed to load near index {i} (the "
+                               f"last: {replaced[-1]['reason']}); {self.fix_hint()}")
+
+    def fix_hint(self) -> str:
+        return f"check --image_folder ({self.image_folder}) with `llavakit data check`"
 
     def _replacement(self, j: int) -> int:
         """The next sample of the same modality, wrapping around (deterministic)."""

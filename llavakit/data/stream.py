@@ -43,9 +43,27 @@ import numpy as np
 
 from llavakit.data.dataset import LlavaDataset
 from llavakit.data.images import ImageLoadError, open_image
-from llavakit.data.shards import ShardSource, key_of, read_sample
+from llavakit.data.records import Problem, RecordStore, load_records
+from llavakit.data.shards import SAMPLES, ShardSource, key_of, read_sample
 
 logger = logging.getLogger(__name__)
+
+
+def open_shards(source: ShardSource, check: bool = True) -> tuple[RecordStore, list[int], list[Problem], dict]:
+    """The records beside the shards (copied from a URL once), the samples to train on (those of the
+    shards a brace pattern names), and the sample table; with ``check``, every such shard is asked for."""
+    local = source.local_dir()
+    shards = source.selected_shards()
+    if check:
+        source.check_shards(shards)
+    store, valid, problems = load_records(local)
+    samples = dict(np.load(local / SAMPLES))
+    if source.selected is not None:
+        chosen = np.isin(samples["shard"], shards)
+        valid = [k for k in valid if chosen[k]]
+    logger.info("shards: %s, %d of %d shard(s), %d samples", source.root, len(shards), len(source.shard_names()),
+                len(valid))
+    return store, valid, problems, samples
 
 
 @dataclass(frozen=True)
@@ -236,6 +254,10 @@ class ShardDataset(LlavaDataset):
                 raise ImageLoadError(f"{where}: member {key}.img{j}.* missing")
             images.append(open_image(io.BytesIO(members[suffix]), name=f"{where} ({key}.{suffix})"))
         return images
+
+    def fix_hint(self) -> str:
+        return (f"the shards at {self.source.root} hold corrupt bytes: copy them again, or re-run "
+                "`llavakit data shard` into a new folder")
 
     def _replacement(self, j: int) -> int:
         """The next sample of the same modality in the window being read, wrapping around."""

@@ -121,23 +121,13 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
                                   max_length=train_args.model_max_length)
     source = samples = None
     if is_shard_source(data_args.data_path):
-        import numpy as np
-
-        from llavakit.data.shards import SAMPLES, ShardSource
+        from llavakit.data.stream import ShardSource, open_shards
 
         source = ShardSource(data_args.data_path, data_args.shard_timeout, data_args.shard_retries)
-        with train_args.main_process_first(desc="shard index"):
-            local = source.local_dir()
-            shards = source.selected_shards()
-            if train_args.process_index == 0:  # one rank asks the storage about every shard
-                source.check_shards(shards)
-        store, valid, problems = load_records(local)
-        samples = dict(np.load(local / SAMPLES))
-        if source.selected is not None:
-            chosen = np.isin(samples["shard"], shards)
-            valid = [k for k in valid if chosen[k]]
-        logger.info("shards: %s, %d of %d shard(s), %d samples", source.root, len(shards),
-                    len(source.shard_names()), len(valid))
+        with train_args.main_process_first(desc="shard index"):  # one rank asks the storage about every shard
+            store, valid, problems, samples = open_shards(source, check=train_args.process_index == 0)
+        if data_args.image_folder:
+            logger.warning("--image_folder %s ignored: the shards hold their images", data_args.image_folder)
     else:
         store, valid, problems = load_records(data_args.data_path)
     for p in problems:
