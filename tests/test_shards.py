@@ -23,6 +23,7 @@ from .conftest import (
     free_port,
     logged_losses,
     stage2_flags,
+    training_logs,
     write_json,
 )
 
@@ -228,6 +229,8 @@ def test_train_from_a_shard_folder_with_workers_and_from_a_brace_pattern(backbon
     s = res.summary
     assert s["train_samples"] == 48 and s["samples_seen"] == 48 and s["replaced_samples"] == 0
     assert s["steps"] == 24
+    logs = training_logs(tmp_path / "all")  # the throughput log lines, as with JSON data
+    assert len(logs) == 24 and all("samples_per_second" in h and "data_wait_fraction" in h for h in logs)
     # without workers: one share per rank, the same samples in another order
     again = run(config(tmp_path / "again", shards, dataloader_num_workers=0, num_train_epochs=1))
     assert again.summary["samples_seen"] == 48 and again.summary["steps"] == 24
