@@ -35,10 +35,13 @@ def llavakit(*args, timeout=300, env=None):
 
 @pytest.fixture(scope="session")
 def shard_source(train_data, tmp_path_factory):
-    """48 good records (36 with an image, 12 text-only) and 2 bad ones (a missing image, a broken JPEG)."""
+    """48 good records (35 with an image, one with two, 12 text-only) and 2 bad ones (a missing image, a
+    broken JPEG)."""
     root = tmp_path_factory.mktemp("shard_source")
     base = json.loads(Path(train_data["instruct"]).read_text())
     records = [{**r, "id": f"{r['id']}-{k}"} for k in range(3) for r in base]
+    records[7] = {"id": "two-images", "image": ["coco/1.jpg", "coco/2.jpg"],  # several images per record
+                  "conversations": conv("Compare <image> and <image>.", "The first is smaller.")}
     import shutil
 
     images = root / "images"
@@ -51,10 +54,12 @@ def shard_source(train_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shards(shard_source, tmp_path_factory):
+def shards(shard_source, backbones, tmp_path_factory):
+    """The shards, with token lengths for the tiny model (its tokenizer, v1, 4 image tokens, 2048)."""
     out = tmp_path_factory.mktemp("shards") / "out"
     r = llavakit("data", "shard", "--data_path", shard_source["records"], "--image_folder", shard_source["images"],
-                 "--output", out, "--shard-size", "12KB", "--workers", "2")
+                 "--output", out, "--shard-size", "12KB", "--workers", "2", "--tokenizer", backbones["llm"],
+                 "--version", "v1", "--num_image_tokens", "4", "--model_max_length", "2048")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "48 of 50 records written" in r.stdout, r.stdout
     return out
@@ -75,18 +80,19 @@ def test_shard_writes_checked_records_and_their_image_bytes(shards, shard_source
         with tarfile.open(shards / s["name"]) as t:
             names = {m.name: m for m in t.getmembers() if m.name.startswith(f"{k:09d}.")}
             assert json.loads(t.extractfile(names[f"{k:09d}.json"]).read()) == rec
-            if "image" in rec:
-                got = t.extractfile(names[f"{k:09d}.img0.jpg"]).read()
-                assert got == Path(shard_source["images"], rec["image"]).read_bytes()
-                assert samples["offset"][k] == min(m.offset for m in names.values())
-            else:
-                assert set(names) == {f"{k:09d}.json"}
+            paths = [rec["image"]] if isinstance(rec.get("image"), str) else rec.get("image", [])
+            assert set(names) == {f"{k:09d}.json"} | {f"{k:09d}.img{j}.jpg" for j in range(len(paths))}
+            for j, p in enumerate(paths):
+                got = t.extractfile(names[f"{k:09d}.img{j}.jpg"]).read()
+                assert got == Path(shard_source["images"], p).read_bytes()
+            assert samples["offset"][k] == min(m.offset for m in names.values())
     # the records beside the shards are a converted record directory of exactly the written samples
     from llavakit.data.records import load_records
 
     store, valid, problems = load_records(shards)
     assert len(store) == 48 and valid == list(range(48)) and not problems
     assert [store.raw(k)["id"] for k in range(48)] == [r["id"] for r in records]
+    assert len(index["lengths"]) == 1 and (shards / index["lengths"][0]).is_file()  # --tokenizer: stored
 
 
 #: `llavakit data shard` killed (-9) while it writes its fourth shard
@@ -225,7 +231,13 @@ def test_train_from_a_shard_folder_with_workers_and_from_a_brace_pattern(backbon
             "pretrain_mm_mlp_adapter": None, "data_path": str(data_path), "image_folder": None,
             "group_by_modality_length": "True", "save_strategy": "no", "logging_steps": 1, **over}))
 
-    res = run(config(tmp_path / "all", shards, dataloader_num_workers=2, num_train_epochs=1))
+    cache = tmp_path / "cache"
+    os.environ["LLAVAKIT_CACHE"] = str(cache)
+    try:
+        res = run(config(tmp_path / "all", shards, dataloader_num_workers=2, num_train_epochs=1))
+    finally:
+        del os.environ["LLAVAKIT_CACHE"]
+    assert not (cache / "lengths").exists()  # the token lengths stored with the shards were used
     s = res.summary
     assert s["train_samples"] == 48 and s["samples_seen"] == 48 and s["replaced_samples"] == 0
     assert s["steps"] == 24
