@@ -147,10 +147,11 @@ def _write_shard(job: dict) -> dict:
     return entry
 
 
-def _fingerprint(store, keep: list[int], paths: list[list[str]], sizes: list[list[int]], shard_bytes: int) -> str:
+def _fingerprint(store, keep: list[int], paths: list[list[str]], stats: list[list[tuple]], shard_bytes: int) -> str:
+    """What the shards are made of: the records, their images' paths, sizes and times, the shard size."""
     h = hashlib.sha256()
     h.update(f"{FORMAT}-1 {shard_bytes}".encode())
-    for i, ps, ss in zip(keep, paths, sizes):
+    for i, ps, ss in zip(keep, paths, stats):
         h.update(json.dumps([store.raw(i), ps, ss], sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
 
@@ -179,8 +180,10 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
                        for p in check.problems if p.severity == "error" and p.index >= 0]
     keep = [i for i in range(len(store)) if i not in bad]
     paths = [[resolve_image(image_folder, p) for p in parse_record(store, i).images] for i in keep]
-    sizes = [[os.path.getsize(p) for p in ps] for ps in paths]
-    fingerprint = _fingerprint(store, keep, paths, sizes, shard_bytes)
+    stats = [[os.stat(p) for p in ps] for ps in paths]
+    sizes = [[st.st_size for st in sts] for sts in stats]
+    fingerprint = _fingerprint(store, keep, paths, [[(st.st_size, st.st_mtime_ns) for st in sts] for sts in stats],
+                               shard_bytes)
 
     if (out / INDEX).is_file():
         index = json.loads((out / INDEX).read_text())
