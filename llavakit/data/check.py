@@ -113,13 +113,15 @@ def check_images(images: dict[int, tuple[str, list[str]]], image_folder: str, wo
 
 def run_check(data_path: str, image_folder: str | None = None, encoder=None,
               model_max_length: int | None = None, progress: bool = False, workers: int | None = None,
-              min_image_size: int = 1) -> CheckReport:
-    try:
-        store = RecordStore.load(data_path)
-    except RecordFileError as e:
-        report = CheckReport(source=data_path)
-        report.problems.append(Problem(-1, None, "unreadable_file", str(e)))
-        return report
+              min_image_size: int = 1, store: RecordStore | None = None) -> CheckReport:
+    """Check the records of ``data_path`` (or ``store``, already read from it)."""
+    if store is None:
+        try:
+            store = RecordStore.load(data_path)
+        except RecordFileError as e:
+            report = CheckReport(source=data_path)
+            report.problems.append(Problem(-1, None, "unreadable_file", str(e)))
+            return report
     valid, problems = validate_store(store)
     report = CheckReport(source=store.source, total=len(store), problems=list(problems))
     if len(store) == 0:

@@ -220,11 +220,23 @@ class RecordStore:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def raw(self, i: int) -> Any:
+    def record_bytes(self, i: int) -> bytes:
+        """Record ``i`` as stored: compact UTF-8 JSON."""
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         if isinstance(self.buffer, FileBuffer):
-            return json.loads(self.buffer.read(start, end))
-        return json.loads(self.buffer[start:end].tobytes())
+            return self.buffer.read(start, end)
+        return self.buffer[start:end].tobytes()
+
+    def raw(self, i: int) -> Any:
+        return json.loads(self.record_bytes(i))
+
+    def subset(self, indices: Iterable[int], source: str) -> RecordStore:
+        """A store of the records at ``indices``, in that order (their bytes copied, not re-serialised)."""
+        chunks = [self.record_bytes(i) for i in indices]
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in chunks], out=offsets[1:])
+        buf = np.frombuffer(b"".join(chunks), dtype=np.uint8) if chunks else np.zeros(0, np.uint8)
+        return RecordStore(buf, offsets, source)
 
     def __iter__(self) -> Iterator[Any]:
         for i in range(len(self)):

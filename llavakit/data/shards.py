@@ -147,12 +147,13 @@ def _write_shard(job: dict) -> dict:
     return entry
 
 
-def _fingerprint(store, keep: list[int], paths: list[list[str]], stats: list[list[tuple]], shard_bytes: int) -> str:
+def _fingerprint(records: list[bytes], paths: list[list[str]], stats: list[list[tuple]], shard_bytes: int) -> str:
     """What the shards are made of: the records, their images' paths, sizes and times, the shard size."""
     h = hashlib.sha256()
     h.update(f"{FORMAT}-1 {shard_bytes}".encode())
-    for i, ps, ss in zip(keep, paths, stats):
-        h.update(json.dumps([store.raw(i), ps, ss], sort_keys=True, ensure_ascii=False).encode())
+    for record, ps, ss in zip(records, paths, stats):
+        h.update(record)
+        h.update(json.dumps([ps, ss], ensure_ascii=False).encode())
     return h.hexdigest()
 
 
@@ -163,27 +164,26 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
     the finished shards are kept (the inputs are fingerprinted; changed inputs start over)."""
     from llavakit.data.check import run_check
     from llavakit.data.dataset import resolve_image
-    from llavakit.data.records import PROBLEMS, VALID, RecordFileError, RecordStore, parse_record
+    from llavakit.data.records import PROBLEMS, VALID, RecordStore, parse_record
 
     t0 = time.time()
     out = Path(output)
     report = ShardReport(output=str(out))
-    check = run_check(data_path, image_folder or "", encoder=encoder, progress=progress, workers=workers)
-    unreadable = [p for p in check.problems if p.index < 0 and p.kind == "unreadable_file"]
-    if unreadable:
-        raise RecordFileError(unreadable[0].message)
-    store = RecordStore.load(data_path)
+    store = RecordStore.load(data_path)  # an unreadable file raises RecordFileError, naming it
+    check = run_check(data_path, image_folder or "", encoder=encoder, progress=progress, workers=workers,
+                      store=store)
     bad = {p.index for p in check.problems if p.severity == "error" and p.index >= 0}
     report.records = len(store)
     report.rejected = [{**p.to_dict(), "message": p.message if p.message.startswith(str(data_path))
                         else f"{data_path}: {p.message}"}
                        for p in check.problems if p.severity == "error" and p.index >= 0]
     keep = [i for i in range(len(store)) if i not in bad]
+    # the records as the record directory beside the shards holds them (sample k = record keep[k])
+    kept = store.subset(keep, str(data_path))
+    raws = [kept.record_bytes(k) for k in range(len(keep))]
     paths = [[resolve_image(image_folder, p) for p in parse_record(store, i).images] for i in keep]
-    stats = [[os.stat(p) for p in ps] for ps in paths]
-    sizes = [[st.st_size for st in sts] for sts in stats]
-    fingerprint = _fingerprint(store, keep, paths, [[(st.st_size, st.st_mtime_ns) for st in sts] for sts in stats],
-                               shard_bytes)
+    stats = [[(st.st_size, st.st_mtime_ns) for st in map(os.stat, ps)] for ps in paths]
+    fingerprint = _fingerprint(raws, paths, stats, shard_bytes)
 
     if (out / INDEX).is_file():
         index = json.loads((out / INDEX).read_text())
@@ -205,12 +205,11 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
     plan_file.write_text(json.dumps({"fingerprint": fingerprint, "data_path": str(data_path)}))
 
     # shards of about shard_bytes: a tar member is a 512-byte header and its data padded to 512 bytes
-    raws = [json.dumps(store.raw(i), ensure_ascii=False, separators=(",", ":")).encode() for i in keep]
     jobs: list[dict] = []
     current: list = []
     size = 0
-    for k, (raw, ps, ss) in enumerate(zip(raws, paths, sizes)):
-        cost = sum(512 + (n + 511) // 512 * 512 for n in [len(raw), *ss])
+    for k, (raw, ps, ss) in enumerate(zip(raws, paths, stats)):
+        cost = sum(512 + (n + 511) // 512 * 512 for n in [len(raw), *(st[0] for st in ss)])
         if current and size + cost > shard_bytes:
             jobs.append({"dir": str(out), "name": shard_name(len(jobs)), "samples": current})
             current, size = [], 0
@@ -219,18 +218,18 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
     if current:
         jobs.append({"dir": str(out), "name": shard_name(len(jobs)), "samples": current})
 
-    # the records, as a converted record directory (sample k = record k); warnings keep their new index
-    kept = RecordStore.from_raw((store.raw(i) for i in keep), str(data_path))
+    # the records beside the shards, a converted record directory; their warnings (duplicate ids) keep
+    # their new index
     kept.save(out)
     np.save(out / VALID, np.arange(len(keep), dtype=np.int64))
     new_index = {i: k for k, i in enumerate(keep)}
+    warnings = [p for p in check.problems if p.index in new_index and p.severity != "error"]
     with open(out / PROBLEMS, "w", encoding="utf-8") as f:
-        for p in check.problems:
-            if p.index in new_index and p.severity != "error":
-                f.write(json.dumps({**p.to_dict(), "index": new_index[p.index]}) + "\n")
+        for p in warnings:
+            f.write(json.dumps({**p.to_dict(), "index": new_index[p.index]}) + "\n")
     meta = json.loads((out / RecordStore.META).read_text())
-    (out / RecordStore.META).write_text(json.dumps({**meta, "validated": True, "valid": len(keep), "problems": 0,
-                                                    "content_id": fingerprint}))
+    (out / RecordStore.META).write_text(json.dumps({**meta, "validated": True, "valid": len(keep),
+                                                    "problems": len(warnings), "content_id": fingerprint}))
     with open(out / REJECTED, "w", encoding="utf-8") as f:
         for p in report.rejected:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
