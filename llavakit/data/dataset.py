@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,15 +254,21 @@ class LlavaDataset(Dataset):
     def fix_hint(self) -> str:
         return f"check --image_folder ({self.image_folder}) with `llavakit data check`"
 
+    def replacement_pool(self, j: int) -> tuple[Sequence[int], int]:
+        """Where a bad sample ``j`` finds its stand-in: a sequence of samples and ``j``'s place in it (here
+        the whole dataset)."""
+        return range(len(self)), j
+
     def _replacement(self, j: int) -> int:
-        """The next sample of the same modality, wrapping around (deterministic)."""
+        """The next sample of the same modality in the pool, wrapping around (deterministic)."""
+        pool, pos = self.replacement_pool(j)
         has = self.index.has_image
-        n = len(self)
+        n = len(pool)
         for step in range(1, n):
-            k = (j + step) % n
+            k = pool[(pos + step) % n]
             if has[k] == has[j]:
                 return k
-        return (j + 1) % n
+        return pool[(pos + 1) % n]
 
     def _report_bad(self, j: int, err: Exception) -> dict:
         ridx = int(self.index.record_idx[j])

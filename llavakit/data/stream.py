@@ -35,8 +35,10 @@ shard stops the run with an error that names it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,20 +172,22 @@ class ShardBatchSampler:
             for batch in batches:
                 yield PlannedBatch(batch.tolist(), window)
 
-    def rank_batches(self, epoch: int, rank: int):
-        """Rank ``rank``'s batches in the order its DataLoader loads them."""
-        ids_all = self.order(epoch)
+    def rank_batches(self, epoch: int, rank: int, ids_all: np.ndarray | None = None):
+        """Rank ``rank``'s batches in the order its DataLoader loads them: batch ``i`` from its worker
+        ``i mod workers``'s share."""
+        ids_all = self.order(epoch) if ids_all is None else ids_all
         shares = [self._share_batches(epoch, rank * self.workers + k, ids_all) for k in range(self.workers)]
         for i in range(self.share_batches * self.workers):
             yield next(shares[i % self.workers])
 
     def __iter__(self):
+        """Every rank's batches, dealt round-robin (accelerate gives rank ``r`` every ``r``-th one)."""
         epoch = self.epoch
         ids_all = self.order(epoch)
-        shares = [self._share_batches(epoch, r, ids_all) for r in range(self.readers)]
-        for i in range(self.share_batches * self.workers):
-            for rank in range(self.world_size):
-                yield next(shares[rank * self.workers + i % self.workers])
+        ranks = [self.rank_batches(epoch, r, ids_all) for r in range(self.world_size)]
+        for _ in range(self.share_batches * self.workers):
+            for batches in ranks:
+                yield next(batches)
 
 
 class ShardDataset(LlavaDataset):
@@ -230,9 +234,6 @@ class ShardDataset(LlavaDataset):
     def open_images(self, i: int, paths: list[str]) -> list:
         """Sample ``i``'s images out of the window's bytes (its text comes from the records beside the shards,
         as its length did)."""
-        import io
-        import zlib
-
         shard = self.names[int(self.shard_of[i])]
         key = key_of(int(self.index.record_idx[i]))
         where = f"{self.source.url(shard)}: sample {key}"
@@ -259,13 +260,7 @@ class ShardDataset(LlavaDataset):
         return (f"the shards at {self.source.root} hold corrupt bytes: copy them again, or re-run "
                 "`llavakit data shard` into a new folder")
 
-    def _replacement(self, j: int) -> int:
-        """The next sample of the same modality in the window being read, wrapping around."""
+    def replacement_pool(self, j: int) -> tuple[tuple[int, ...], int]:
+        """A bad sample's stand-in comes from the window being read (its bytes are at hand)."""
         ids = self._window.ids if self._window is not None else (j,)
-        pos = ids.index(j) if j in ids else 0
-        has = self.index.has_image
-        for step in range(1, len(ids)):
-            k = ids[(pos + step) % len(ids)]
-            if has[k] == has[j]:
-                return k
-        return ids[(pos + 1) % len(ids)]
+        return ids, ids.index(j) if j in ids else 0
