@@ -38,7 +38,10 @@ class ModelArguments:
     mm_projector_type: str = field(default="mlp2x_gelu")
     mm_use_im_start_end: bool = field(default=False)
     mm_use_im_patch_token: bool = field(default=False)
-    mm_patch_merge_type: str = field(default="flat")
+    mm_patch_merge_type: str | None = field(default=None, metadata={
+        "help": "flat (LLaVA-1.5) or spatial_unpad (AnyRes); default: the one --image_aspect_ratio needs"})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={
+        "help": "stage 2: train the vision tower too (LLaVA-NeXT's recipe; its rate: --mm_vision_tower_lr)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
     trust_remote_code: bool = field(default=False)
 
@@ -51,7 +54,11 @@ class DataArguments:
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility; always lazy"})
     is_multimodal: bool = field(default=False, metadata={"help": "accepted for compatibility"})
     image_folder: str | None = field(default=None)
-    image_aspect_ratio: str = field(default="square", metadata={"help": "square (resize + crop) or pad"})
+    image_aspect_ratio: str = field(default="square", metadata={
+        "help": "square (resize + crop), pad (LLaVA-1.5), or anyres (LLaVA-NeXT: a base view plus tiles)"})
+    image_grid_pinpoints: str | None = field(default=None, metadata={
+        "help": "anyres: the resolutions to tile at, [[h, w], ...] in pixels or a range '(1x1),...,(3x3)' of tile "
+                "grids (default: LLaVA-NeXT's 1x2, 2x1, 2x2, 3x1, 1x3)"})
     max_bad_fraction: float = field(default=0.01, metadata={
         "help": "stop when more than this fraction of the samples seen had an unreadable image"})
     shuffle_buffer: int = field(default=1000, metadata={
@@ -80,6 +87,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_weight_path: str = field(default="")
     lora_bias: str = field(default="none")
     mm_projector_lr: float | None = field(default=None)
+    mm_vision_tower_lr: float | None = field(default=None, metadata={
+        "help": "with --unfreeze_mm_vision_tower: the vision tower's learning rate (default: --learning_rate)"})
     group_by_modality_length: bool = field(default=False)
     group_by_length: bool = field(default=False)
     length_group_steps: int = field(default=1, metadata={
@@ -253,10 +262,30 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
                       "mlp2x_gelu projector (Linear, GELU, Linear)")
     if m.mm_vision_select_feature not in ("patch", "cls_patch"):
         errors.append(f"--mm_vision_select_feature {m.mm_vision_select_feature!r}: use 'patch' or 'cls_patch'")
-    if m.mm_patch_merge_type != "flat":
-        errors.append(f"--mm_patch_merge_type {m.mm_patch_merge_type!r}: only 'flat' (LLaVA-1.5) is supported")
-    if d.image_aspect_ratio not in ("square", "pad"):
-        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio!r}: use 'square' or 'pad'")
+    if d.image_aspect_ratio.startswith("anyres_max"):
+        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio}: LLaVA-OneVision's pooled AnyRes is not supported "
+                      "yet; use anyres (LLaVA-NeXT)")
+    elif d.image_aspect_ratio not in ("square", "pad", "anyres"):
+        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio!r}: use 'square', 'pad' or 'anyres'")
+    else:
+        merge = "spatial_unpad" if d.image_aspect_ratio == "anyres" else "flat"
+        if m.mm_patch_merge_type not in (None, merge):
+            errors.append(f"--mm_patch_merge_type {m.mm_patch_merge_type!r} with --image_aspect_ratio "
+                          f"{d.image_aspect_ratio}: use {merge}, the only one transformers' "
+                          f"{'LlavaNext' if merge != 'flat' else 'Llava'} has")
+    if d.image_aspect_ratio == "anyres" and d.data_path and is_shard_source(d.data_path):
+        errors.append(f"--data_path {d.data_path}: AnyRes training from shards is not supported yet (the shards do "
+                      "not record their images' sizes); train from the records and --image_folder")
+    if d.image_aspect_ratio == "anyres" and t.lora_enable:
+        errors.append("--lora_enable with --image_aspect_ratio anyres is not supported yet (the adapter would not "
+                      "carry the model's image_newline); train AnyRes models in full")
+    if d.image_grid_pinpoints and d.image_aspect_ratio != "anyres":
+        errors.append("--image_grid_pinpoints tiles images for --image_aspect_ratio anyres; add it, or drop the grid")
+    if t.mm_vision_tower_lr is not None and not m.unfreeze_mm_vision_tower:
+        errors.append("--mm_vision_tower_lr is the rate of a vision tower that trains: add --unfreeze_mm_vision_tower True")
+    if m.unfreeze_mm_vision_tower and (m.tune_mm_mlp_adapter or t.lora_enable):
+        errors.append("--unfreeze_mm_vision_tower trains the tower in full stage-2 training; not with "
+                      f"{'--tune_mm_mlp_adapter' if m.tune_mm_mlp_adapter else '--lora_enable'}")
     if m.pretrain_mm_mlp_adapter and not os.path.exists(m.pretrain_mm_mlp_adapter):
         errors.append(f"--pretrain_mm_mlp_adapter {m.pretrain_mm_mlp_adapter}: no such file")
     if t.bits not in (4, 8, 16):

@@ -14,7 +14,9 @@ ignored, so no sample is trained to predict its first token from the previous sa
 per step, the same supervised tokens: only the padding goes.
 
 ``pixel_values`` holds the images stacked in the order their samples appear in the rows, and is absent
-when no sample has one. Images arrive as uint8; with ``normalize=True`` the collator turns them into
+when no sample has one; with AnyRes it holds every image's views (base view, then tiles) in one stack —
+the vision tower runs the tiles of a whole micro-batch as one batch — and ``image_sizes`` each image's
+(height, width), from which the model splits them again. Images arrive as uint8; with ``normalize=True`` the collator turns them into
 float32 (bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
 Every batch carries ``num_real_tokens`` (the tokens that are not padding) and ``num_samples`` for
 throughput accounting, as plain ints (they stay on the host, so counting them never waits for the GPU),
@@ -56,6 +58,9 @@ class LlavaCollator:
                     raise ValueError("LlavaCollator needs the ImageTransform to normalise images")
                 pixels = self.transform.normalize(pixels)
             batch["pixel_values"] = pixels
+            sizes = [f["image_sizes"] for f in features if f.get("image_sizes") is not None]
+            if sizes:  # AnyRes: the views of all images in one batch for the tower, and each image's size
+                batch["image_sizes"] = torch.cat(sizes, dim=0)
         return batch
 
     def _canvas(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llavakit.data.images import ImageLoadError, ImageTransform, open_image
+from llavakit.data.images import ImageLoadError, ImageTransform, image_size, open_image
 from llavakit.data.records import RecordStore, parse_record
 from llavakit.data.templates import TemplateError
 from llavakit.data.tokenize import ConversationEncoder, SampleTooLong, SupervisionError
@@ -65,7 +65,7 @@ def _content_id(src: Path) -> str | None:
         return None
 
 
-def _cache_key(store: RecordStore, encoder: ConversationEncoder) -> str:
+def _cache_key(store: RecordStore, encoder: ConversationEncoder, image_folder: str | None = None) -> str:
     h = hashlib.sha256()
     src = Path(store.source)
     content = _content_id(src)
@@ -78,7 +78,9 @@ def _cache_key(store: RecordStore, encoder: ConversationEncoder) -> str:
         h.update(json.dumps([str(src.resolve()), len(store), st.st_size if st else 0,
                              st.st_mtime_ns if st else 0]).encode())
     h.update(encoder.template.name.encode())
-    h.update(repr(encoder.image_block[:2] + [len(encoder.image_block)]).encode())
+    h.update(encoder.key().encode())
+    if encoder.anyres is not None:  # the lengths depend on the image files' sizes
+        h.update(str(Path(image_folder).resolve() if image_folder else "").encode())
     h.update(str(encoder.add_bos).encode())
     h.update(str(encoder.char_limit).encode())
     h.update(encoder.tokenizer.backend_tokenizer.to_str().encode())
@@ -90,14 +92,18 @@ def default_cache_dir() -> Path:
 
 
 def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
-                   cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                   cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                   image_folder: str | None = None) -> dict[str, np.ndarray]:
     """Encode every valid record once: full length, image-block end, first supervised position.
 
     ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established, 2 for
-    records whose text is too long to tokenize (their message is in ``errors``). Cached under ``cache_dir`` keyed by the file, tokenizer and template.
+    records whose text is too long to tokenize, 3 for records with an image whose size cannot be read (AnyRes:
+    its token count follows its size, read from the file's header under ``image_folder``); their message is
+    in ``errors``. Cached under ``cache_dir`` keyed by the file, tokenizer and template (and, with AnyRes,
+    the image folder).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(store, encoder)
+    key = _cache_key(store, encoder, image_folder)
     path = cache / "lengths" / f"{key}.npz"
     valid_arr = np.asarray(valid, dtype=np.int64)
     # a converted record directory may carry its lengths (``llavakit data convert --tokenizer``)
@@ -126,7 +132,13 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
         rec = parse_record(store, valid[k])
         has_image[k] = rec.has_image
         try:
-            enc = encoder.encode(rec)
+            sizes = [image_size(resolve_image(image_folder, p)) for p in rec.images] \
+                if encoder.anyres is not None else None
+            enc = encoder.encode(rec, sizes)
+        except ImageLoadError as e:
+            status[k] = 3
+            errors.append(f"{k}\t{e}")
+            continue
         except (SupervisionError, TemplateError) as e:
             status[k] = 1
             errors.append(f"{k}\t{e}")
@@ -150,16 +162,16 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
 
 def build_sample_index(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
                        model_max_length: int | None, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = False) -> SampleIndex:
+                       progress: bool = False, image_folder: str | None = None) -> SampleIndex:
     """Decide which records train and how long each is after truncation; report the rest."""
-    data = encode_lengths(store, valid, encoder, cache_dir, progress)
+    data = encode_lengths(store, valid, encoder, cache_dir, progress, image_folder)
     errors = {int(line.split("\t", 1)[0]): line.split("\t", 1)[1] for line in data["errors"].tolist()}
     keep, lengths, skipped = [], [], []
     for k, ridx in enumerate(data["record_idx"].tolist()):
         rid = str(store.raw(ridx).get("id", ridx))
         where = f"{store.source}: record {ridx} (id={rid!r})"
         if data["status"][k]:
-            kind = "too_long" if data["status"][k] == 2 else "no_supervision"
+            kind = {1: "no_supervision", 2: "too_long", 3: "bad_image"}[int(data["status"][k])]
             skipped.append({"index": ridx, "id": rid, "kind": kind,
                             "message": f"{where}: {errors.get(k, 'supervision cannot be established')}"})
             continue
@@ -194,7 +206,8 @@ def resolve_image(image_folder: str | None, path: str) -> str:
 
 
 class LlavaDataset(Dataset):
-    """One sample per kept record: ``input_ids``, ``labels`` (LongTensors) and ``images`` (uint8 or None)."""
+    """One sample per kept record: ``input_ids``, ``labels`` (LongTensors) and ``images`` (uint8 views, or
+    None); with AnyRes also ``image_sizes`` (each image's height and width)."""
 
     def __init__(self, store: RecordStore, index: SampleIndex, encoder: ConversationEncoder,
                  transform: ImageTransform, image_folder: str | None = None,
@@ -221,14 +234,17 @@ class LlavaDataset(Dataset):
     def load(self, i: int) -> dict:
         """Build sample ``i``; raises :class:`ImageLoadError` when one of its images fails."""
         rec = parse_record(self.store, int(self.index.record_idx[i]))
-        enc = self.encoder.fit(self.encoder.encode(rec), self.model_max_length)
-        images = None
-        if rec.images:
-            arrs = [self.transform.to_uint8(im) for im in self.open_images(i, rec.images)]
-            images = torch.from_numpy(np.stack(arrs))
-        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-                "labels": torch.tensor(enc.labels, dtype=torch.long),
-                "images": images, "id": rec.id}
+        decoded = self.open_images(i, rec.images) if rec.images else []
+        sizes = [(im.height, im.width) for im in decoded]
+        enc = self.encoder.fit(self.encoder.encode(rec, sizes if self.encoder.anyres is not None else None),
+                               self.model_max_length)
+        sample = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                  "labels": torch.tensor(enc.labels, dtype=torch.long), "images": None, "id": rec.id}
+        if decoded:  # every view of every image, in order: (views, 3, H, W) uint8
+            sample["images"] = torch.from_numpy(np.concatenate([self.transform.views(im) for im in decoded]))
+            if self.transform.anyres is not None:
+                sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        return sample
 
     def open_images(self, i: int, paths: list[str]) -> list:
         """Sample ``i``'s images (its record's ``paths``), decoded."""

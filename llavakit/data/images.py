@@ -89,6 +89,29 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
         raise ImageLoadError(f"{path}: cannot decode image: {e}") from None
 
 
+#: EXIF orientations that turn the image by 90 degrees (width and height swap)
+_TRANSPOSED = {5, 6, 7, 8}
+
+
+def image_size(source: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image as :func:`open_image` returns it (EXIF orientation applied), read from the
+    header alone: no pixel is decoded."""
+    path = str(source)
+    if not os.path.exists(path):
+        raise ImageLoadError(f"{path}: image file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: cannot decode image: not an image in a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot read the image header: {e}") from None
+    return (w, h) if orientation in _TRANSPOSED else (h, w)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
@@ -137,10 +160,15 @@ class ImageTransform:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     aspect_ratio: str = "square"
+    #: AnyRes geometry (``--image_aspect_ratio anyres``): an image becomes a base view and tiles
+    anyres: Any = None
 
     def __post_init__(self):
-        if self.aspect_ratio not in ("square", "pad"):
-            raise ValueError(f"--image_aspect_ratio {self.aspect_ratio!r} is not supported; use 'square' or 'pad'")
+        if self.aspect_ratio not in ("square", "pad", "anyres"):
+            raise ValueError(f"--image_aspect_ratio {self.aspect_ratio!r} is not supported; use 'square', 'pad' "
+                             "or 'anyres'")
+        if (self.aspect_ratio == "anyres") != (self.anyres is not None):
+            raise ValueError("aspect ratio 'anyres' goes with an AnyRes geometry, and only it")
         x = np.arange(256, dtype=np.uint8)
         lut = np.stack([x] * 3).astype(np.float32)
         if self.do_rescale:
@@ -153,8 +181,9 @@ class ImageTransform:
         self._lut_t = {}
 
     @classmethod
-    def from_processor(cls, processor: Any, aspect_ratio: str = "square") -> ImageTransform:
-        """Build from a transformers image processor (object or its config dict)."""
+    def from_processor(cls, processor: Any, aspect_ratio: str = "square", anyres: Any = None) -> ImageTransform:
+        """Build from a transformers image processor (object or its config dict); ``anyres`` (an
+        :class:`~llavakit.data.anyres.AnyRes`) with ``aspect_ratio="anyres"``."""
         size = _get(processor, "size") or {}
         crop = _get(processor, "crop_size")
         size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
@@ -174,6 +203,7 @@ class ImageTransform:
             image_mean=tuple(_get(processor, "image_mean", cls.image_mean)),
             image_std=tuple(_get(processor, "image_std", cls.image_std)),
             aspect_ratio=aspect_ratio,
+            anyres=anyres,
         )
 
     @property
@@ -197,6 +227,18 @@ class ImageTransform:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = s, int(s * long / short)
         return (new_long, new_short) if w <= h else (new_short, new_long)
+
+    def views(self, im: Image.Image) -> np.ndarray:
+        """What the vision tower sees of one image, as uint8 ``(V, 3, H, W)``: one view (LLaVA-1.5), or
+        AnyRes's base view and tiles (each then resized and cropped as the processor does its views)."""
+        if self.anyres is None:
+            return self.to_uint8(im)[None]
+        base_hw = self.size_hw or (self.shortest_edge, self.shortest_edge)
+        return np.stack([self.to_uint8(v) for v in self.anyres.views(im, base_hw, self.resample)])
+
+    def num_views(self, size_hw: tuple[int, int]) -> int:
+        """Views of an image of this (height, width): 1, or AnyRes's base view and tiles."""
+        return 1 if self.anyres is None else self.anyres.num_views(*size_hw)
 
     def to_uint8(self, im: Image.Image) -> np.ndarray:
         """Pad/resize/crop an RGB PIL image; return ``(3, H, W)`` uint8."""

@@ -137,7 +137,7 @@ class PromptEncoder:
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, image_token: str = IMAGE_PLACEHOLDER,
-                 mm_use_im_start_end: bool = False):
+                 mm_use_im_start_end: bool = False, anyres=None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("llavakit needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
                              f"{type(tokenizer).__name__} is not one")
@@ -147,10 +147,29 @@ class PromptEncoder:
         self.num_image_tokens = num_image_tokens
         self.image_token_id = ensure_special_token(tokenizer, image_token)
         self.add_bos = tokenizer_adds_bos(tokenizer)
-        block = [self.image_token_id] * num_image_tokens
-        if mm_use_im_start_end:
-            block = [ensure_special_token(tokenizer, IM_START), *block, ensure_special_token(tokenizer, IM_END)]
-        self.image_block = block
+        #: AnyRes geometry (:class:`~llavakit.data.anyres.AnyRes`): each image's token count follows its size
+        self.anyres = anyres
+        self._marks = ((ensure_special_token(tokenizer, IM_START),), (ensure_special_token(tokenizer, IM_END),)) \
+            if mm_use_im_start_end else ((), ())
+        self.image_block = self.block(num_image_tokens)
+
+    def block(self, n: int) -> list[int]:
+        """The ids an image of ``n`` tokens becomes (between the optional start and end markers)."""
+        return [*self._marks[0], *[self.image_token_id] * n, *self._marks[1]]
+
+    def image_blocks(self, n_images: int, image_sizes=None) -> list[list[int]]:
+        """The id block of each of ``n_images`` images; with AnyRes from their (height, width)."""
+        if self.anyres is None:
+            return [self.image_block] * n_images
+        if image_sizes is None or len(image_sizes) != n_images:
+            raise ValueError(f"AnyRes needs the size of each of the {n_images} images "
+                             f"(got {'none' if image_sizes is None else len(image_sizes)})")
+        return [self.block(self.anyres.num_tokens(int(h), int(w))) for h, w in image_sizes]
+
+    def key(self) -> str:
+        """What decides the image blocks (for caches of encoded lengths)."""
+        fixed = repr(self.image_block[:2] + [len(self.image_block)])
+        return fixed if self.anyres is None else f"{fixed} {self.anyres.describe()}"
 
     def tokenize_chunks(self, prompt: str, offsets: bool = False) -> tuple[list[str], list[int], dict]:
         """The text chunks between images, their character starts in ``prompt``, and their tokenization."""
@@ -161,13 +180,15 @@ class PromptEncoder:
             p += len(c) + len(IMAGE_PLACEHOLDER)
         return chunks, starts, self.tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=offsets)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """The ids of ``prompt`` (a rendered conversation or generation prompt, ``<image>`` in place)."""
+    def encode_prompt(self, prompt: str, image_sizes=None) -> list[int]:
+        """The ids of ``prompt`` (a rendered conversation or generation prompt, ``<image>`` in place;
+        ``image_sizes``: each image's (height, width), which AnyRes needs)."""
         _, _, enc = self.tokenize_chunks(prompt)
+        blocks = self.image_blocks(len(enc["input_ids"]) - 1, image_sizes)
         ids = [self.tokenizer.bos_token_id] if self.add_bos else []
         for k, chunk_ids in enumerate(enc["input_ids"]):
             if k:
-                ids.extend(self.image_block)
+                ids.extend(blocks[k - 1])
             ids.extend(chunk_ids)
         return ids
 
@@ -187,8 +208,8 @@ class ConversationEncoder(PromptEncoder):
 
     def __init__(self, tokenizer, template: Template, num_image_tokens: int,
                  image_token: str = IMAGE_PLACEHOLDER, mm_use_im_start_end: bool = False,
-                 max_length: int | None = None):
-        super().__init__(tokenizer, num_image_tokens, image_token, mm_use_im_start_end)
+                 max_length: int | None = None, anyres=None):
+        super().__init__(tokenizer, num_image_tokens, image_token, mm_use_im_start_end, anyres)
         self.template = template
         self._check_stop_token()
         if max_length is None:  # the tokenizer's own limit, when it states a real one
@@ -212,7 +233,8 @@ class ConversationEncoder(PromptEncoder):
         turns = place_images(record.turns, len(record.images))
         return self.template.render(turns)
 
-    def encode(self, record: Record) -> Encoded:
+    def encode(self, record: Record, image_sizes=None) -> Encoded:
+        """Ids and labels of ``record``; ``image_sizes`` (each image's height, width) for AnyRes."""
         segments = self.render(record)
         prompt = "".join(s.text for s in segments)
         if len(prompt) > self.char_limit:
@@ -235,6 +257,7 @@ class ConversationEncoder(PromptEncoder):
         cs_sns = np.concatenate([[0], np.cumsum(sup & nonspace)])
 
         chunks, starts, enc = self.tokenize_chunks(prompt, offsets=True)
+        blocks = self.image_blocks(len(chunks) - 1, image_sizes)
 
         ids: list[int] = []
         labels: list[int] = []
@@ -265,10 +288,11 @@ class ConversationEncoder(PromptEncoder):
                 labels.extend(np.where(is_sup, np.asarray(chunk_ids), IGNORE_INDEX).tolist())
                 token_chars.extend(zip(a.tolist(), b.tolist()))
             if k < len(chunks) - 1:
-                spans.append((len(ids), len(ids) + len(self.image_block)))
-                ids.extend(self.image_block)
-                labels.extend([IGNORE_INDEX] * len(self.image_block))
-                token_chars.extend([(-1, -1)] * len(self.image_block))
+                block = blocks[k]
+                spans.append((len(ids), len(ids) + len(block)))
+                ids.extend(block)
+                labels.extend([IGNORE_INDEX] * len(block))
+                token_chars.extend([(-1, -1)] * len(block))
 
         self._verify(prompt, seg_bounds, labels, token_chars, nonspace)
         return Encoded(ids, labels, spans, prompt)

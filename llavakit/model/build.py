@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from llavakit import IMAGE_PLACEHOLDER
+from llavakit.data.anyres import AnyRes, AnyResError, parse_grid_pinpoints
 from llavakit.data.tokenize import looks_local
 from llavakit.internals import name_attention_kernel
 from llavakit.model.tensors import grow_rows
@@ -42,6 +43,7 @@ class Assembled:
     tokenizer: Any
     image_processor: Any
     num_image_tokens: int
+    anyres: Any = None  # AnyRes geometry of a LLaVA-NeXT model
 
 
 def _config_problem(name_or_path: str, error: BaseException, what: str) -> ModelLoadError:
@@ -69,9 +71,13 @@ def read_config_dict(name_or_path: str, cache_dir: str | None = None) -> dict:
     return cfg
 
 
+#: transformers-native LLaVA model types: LLaVA-1.5, LLaVA-NeXT (AnyRes)
+NATIVE_MODEL_TYPES = ("llava", "llava_next")
+
+
 def checkpoint_kind(cfg: dict) -> str:
     """'llava-hf' (transformers-native), 'llava-original' (the original repo's format) or 'lm'."""
-    if cfg.get("model_type") == "llava" and "text_config" in cfg and "vision_config" in cfg:
+    if cfg.get("model_type") in NATIVE_MODEL_TYPES and "text_config" in cfg and "vision_config" in cfg:
         return "llava-hf"
     archs = cfg.get("architectures") or []
     if "mm_vision_tower" in cfg or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in archs) or \
@@ -156,16 +162,58 @@ class Parts:
     kind: str
     tokenizer: Any
     image_processor: Any
-    num_image_tokens: int
+    num_image_tokens: int  # per image (LLaVA-1.5); per view with AnyRes, whose images vary
     vision_config: Any
     strategy: str
     select_layer: int
+    anyres: AnyRes | None = None  # LLaVA-NeXT: the model is a LlavaNextForConditionalGeneration
+
+
+def anyres_of(config) -> AnyRes | None:
+    """The AnyRes geometry of a native model's config (``LlavaNextConfig``), None for LLaVA-1.5."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if getattr(config, "model_type", None) != "llava_next" or not pinpoints:
+        return None
+    v = config.vision_config
+    return AnyRes(tuple((int(h), int(w)) for h, w in pinpoints), v.image_size, v.patch_size)
+
+
+def _tower_side(image_processor, vision_config) -> int:
+    """The side of the square the image processor hands the tower, which must be the tower's input."""
+    from llavakit.data.images import ImageTransform
+
+    t = ImageTransform.from_processor(image_processor)
+    hw = t.output_hw or (t.shortest_edge, t.shortest_edge)
+    return int(hw[0] or vision_config.image_size)
+
+
+def anyres_for(image_aspect_ratio: str, image_grid_pinpoints, vision_config, image_processor, strategy: str,
+               where: str) -> AnyRes | None:
+    """AnyRes geometry from the original's flags for a new model (LM + tower), or None."""
+    if image_aspect_ratio != "anyres":
+        return None
+    side = _tower_side(image_processor, vision_config)
+    if side != vision_config.image_size:
+        raise ModelLoadError(f"{where}: its image processor makes {side}-px views but the tower takes "
+                             f"{vision_config.image_size}-px images; AnyRes tiles must be the tower's input")
+    if strategy == "full" and has_cls_token(vision_config):
+        raise ModelLoadError("--image_aspect_ratio anyres arranges each tile's patches in a grid: it needs "
+                             "--mm_vision_select_feature patch (CLS dropped)")
+    try:
+        pinpoints = parse_grid_pinpoints(image_grid_pinpoints, side)
+    except AnyResError as e:
+        raise ModelLoadError(str(e)) from None
+    return AnyRes(pinpoints, side, vision_config.patch_size)
 
 
 def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,
                select_feature: str = "patch", cache_dir: str | None = None, mm_use_im_patch_token: bool = False,
-               mm_use_im_start_end: bool = False, trust_remote_code: bool = False) -> Parts:
-    """Read configs, tokenizer and image processor; decide what kind of starting point this is."""
+               mm_use_im_start_end: bool = False, trust_remote_code: bool = False,
+               image_aspect_ratio: str = "square", image_grid_pinpoints=None) -> Parts:
+    """Read configs, tokenizer and image processor; decide what kind of starting point this is.
+
+    ``image_aspect_ratio="anyres"`` with ``image_grid_pinpoints`` makes a new model LLaVA-NeXT-style; a native
+    checkpoint brings its own geometry (and must agree)."""
     from transformers import AutoConfig
 
     from llavakit.data.tokenize import load_tokenizer
@@ -199,8 +247,19 @@ def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_laye
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     prepare_tokenizer(tokenizer, mm_use_im_patch_token, mm_use_im_start_end)
     image_processor = load_image_processor(processor_src, cache_dir)
+    if kind == "llava-hf":
+        anyres = anyres_of(lcfg)
+        if (anyres is not None) != (image_aspect_ratio == "anyres"):
+            raise ModelLoadError(
+                f"{model_name_or_path} is a {'LLaVA-NeXT (AnyRes)' if anyres else 'LLaVA-1.5'} model: continue it "
+                f"with --image_aspect_ratio {'anyres' if anyres else 'pad or square'}"
+                + ("" if anyres else "; to train AnyRes from it, start from its language model and vision tower "
+                                     "and its projector (--pretrain_mm_mlp_adapter)"))
+    else:
+        anyres = anyres_for(image_aspect_ratio, image_grid_pinpoints, vcfg, image_processor, strategy,
+                            f"--vision_tower {vision_tower}")
     return Parts(model_name_or_path, vision_tower if kind == "lm" else None, kind, tokenizer, image_processor,
-                 num_image_tokens_for(vcfg, strategy), vcfg, strategy, layer)
+                 num_image_tokens_for(vcfg, strategy), vcfg, strategy, layer, anyres)
 
 
 #: never quantised: the vision tower (frozen, and its features feed the projector), the projector (trains
@@ -226,9 +285,8 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
 
     ``quantization`` (a :func:`quantization_config`) applies to the language model only, loaded onto
     ``device_map``; the vision tower and the projector stay in ``dtype``."""
-    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     kw = {"cache_dir": cache_dir, "dtype": dtype}
     if attn_implementation:
@@ -239,8 +297,9 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         register()
     tokenizer = parts.tokenizer
     qkw = {"quantization_config": quantization, "device_map": device_map} if quantization is not None else {}
+    model_cls, config_cls, projector_cls = native_classes(parts.anyres is not None)
     if parts.kind == "llava-hf":
-        model = LlavaForConditionalGeneration.from_pretrained(parts.model_name_or_path, **kw, **qkw)
+        model = model_cls.from_pretrained(parts.model_name_or_path, **kw, **qkw)
     else:
         logger.info("loading language model %s", parts.model_name_or_path)
         llm = AutoModelForCausalLM.from_pretrained(parts.model_name_or_path, trust_remote_code=trust_remote_code,
@@ -252,20 +311,26 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
             vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
                 parts.vision_tower, config=parts.vision_config, **vkw)
-        config = LlavaConfig(
+        extra = {} if parts.anyres is None else {
+            "image_grid_pinpoints": [list(p) for p in parts.anyres.pinpoints]}
+        config = config_cls(
             text_config=llm.config, vision_config=vision.config,
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
             image_seq_length=parts.num_image_tokens, vision_feature_layer=parts.select_layer,
             vision_feature_select_strategy=parts.strategy, projector_hidden_act="gelu",
             multimodal_projector_bias=True,
-            tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)), **extra,
         )
         with _shell_init(), torch.device("meta"):
-            model = LlavaForConditionalGeneration(config)
+            model = model_cls(config)
         model.model.language_model = llm.get_decoder()
         model.lm_head = llm.get_output_embeddings()
         model.model.vision_tower = vision
-        model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+        model.model.multi_modal_projector = projector_cls(config).to(dtype)
+        if parts.anyres is not None:  # as the original LLaVA-NeXT initialises it: N(0, 1/hidden)
+            hidden = llm.config.hidden_size
+            model.model.image_newline = torch.nn.Parameter(
+                (torch.randn(hidden) / hidden ** 0.5).to(dtype))
         if quantization is not None:  # the quantised LM sits on its device; the rest joins it
             device = next(llm.parameters()).device
             vision.to(device)
@@ -288,17 +353,32 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
     return model
 
 
+def native_classes(anyres: bool):
+    """(model, config, projector) classes of transformers' LLaVA-1.5 or LLaVA-NeXT."""
+    if anyres:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        return LlavaNextForConditionalGeneration, LlavaNextConfig, LlavaNextMultiModalProjector
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    return LlavaForConditionalGeneration, LlavaConfig, LlavaMultiModalProjector
+
+
 def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,
              select_feature: str = "patch", dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
              attn_implementation: str | None = None, mm_use_im_patch_token: bool = False,
-             mm_use_im_start_end: bool = False, trust_remote_code: bool = False) -> Assembled:
+             mm_use_im_start_end: bool = False, trust_remote_code: bool = False,
+             image_aspect_ratio: str = "square", image_grid_pinpoints=None) -> Assembled:
     """:func:`load_parts` then :func:`build_model`."""
     parts = load_parts(model_name_or_path, vision_tower, select_layer=select_layer, select_feature=select_feature,
                        cache_dir=cache_dir, mm_use_im_patch_token=mm_use_im_patch_token,
-                       mm_use_im_start_end=mm_use_im_start_end, trust_remote_code=trust_remote_code)
+                       mm_use_im_start_end=mm_use_im_start_end, trust_remote_code=trust_remote_code,
+                       image_aspect_ratio=image_aspect_ratio, image_grid_pinpoints=image_grid_pinpoints)
     model = build_model(parts, dtype=dtype, cache_dir=cache_dir, attn_implementation=attn_implementation,
                         trust_remote_code=trust_remote_code)
-    return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens)
+    return Assembled(model, parts.tokenizer, parts.image_processor, parts.num_image_tokens, parts.anyres)
 
 
 @contextlib.contextmanager

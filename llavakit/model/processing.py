@@ -16,16 +16,24 @@ from llavakit import IMAGE_PLACEHOLDER
 logger = logging.getLogger(__name__)
 
 
-def image_processor_for(image_processor, aspect_ratio: str):
-    """With ``pad``, a ``LlavaImageProcessor`` with ``do_pad`` (pad to square with the mean colour, as
-    training did), so that inference sees images the way training did."""
-    if aspect_ratio != "pad":
+def image_processor_for(image_processor, aspect_ratio: str, anyres=None):
+    """The image processor that sees images the way training did: with ``pad``, a ``LlavaImageProcessor``
+    with ``do_pad`` (pad to square with the mean colour); with ``anyres`` (and its geometry), a
+    ``LlavaNextImageProcessor`` that cuts the same base view and tiles; otherwise the tower's own."""
+    if aspect_ratio not in ("pad", "anyres"):
         return image_processor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
     cfg = {k: v for k, v in image_processor.to_dict().items()
            if k not in ("image_processor_type", "processor_class", "_processor_class")}
     cfg["do_pad"] = True
+    if aspect_ratio == "anyres":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        if anyres is None:
+            raise ValueError("image_processor_for: 'anyres' needs the AnyRes geometry")
+        cfg["image_grid_pinpoints"] = [list(p) for p in anyres.pinpoints]
+        return LlavaNextImageProcessorPil(**cfg)
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
     return LlavaImageProcessorPil(**cfg)
 
 
@@ -75,17 +83,21 @@ def template_name_of(chat_template: str | None, tokenizer) -> str | None:
     return None
 
 
-def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None):
-    from transformers import LlavaProcessor
+def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None,
+                    anyres: bool = False):
+    """``LlavaProcessor``, or with ``anyres`` ``LlavaNextProcessor`` (``image_processor`` from
+    :func:`image_processor_for`)."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     from llavakit.model.build import has_cls_token
 
-    # LlavaProcessor counts a CLS token as "additional" and drops it again with the "default" strategy
+    # the processors count a CLS token as "additional" and drop it again with the "default" strategy
     has_cls = has_cls_token(vision_config)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                          patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
-                          num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,
-                          image_token=IMAGE_PLACEHOLDER)
+    cls = LlavaNextProcessor if anyres else LlavaProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer,
+               patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
+               num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,
+               image_token=IMAGE_PLACEHOLDER)
 
 
 def set_generation_stop(gc, tokenizer, template) -> None:

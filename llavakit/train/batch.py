@@ -48,7 +48,8 @@ def prepare_batch(batch: dict, plan: BatchPlan, training: bool) -> tuple[dict, B
     pixels = inputs.get("pixel_values")
     counts = BatchCounts(samples=int(num_samples) if num_samples is not None else int(ids.shape[0]),
                          real_tokens=int(real), positions=int(ids.numel()),
-                         images=int(pixels.shape[0]) if pixels is not None else 0, replaced=replaced)
+                         images=(len(inputs["image_sizes"]) if inputs.get("image_sizes") is not None
+                                 else int(pixels.shape[0]) if pixels is not None else 0), replaced=replaced)
     if pixels is not None and pixels.dtype == torch.uint8:  # normalised here, on the device
         inputs["pixel_values"] = plan.normalize(pixels).to(plan.pixel_dtype)
     if training:

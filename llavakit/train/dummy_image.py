@@ -19,8 +19,12 @@ from llavakit import IGNORE_INDEX
 
 
 def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, image_shape: tuple[int, ...],
-                    pad_token_id: int, dtype: torch.dtype) -> dict:
-    """Return ``inputs`` with a loss-neutral dummy image when it has none (see the module docstring)."""
+                    pad_token_id: int, dtype: torch.dtype, views: int = 1,
+                    image_size: tuple[int, int] | None = None) -> dict:
+    """Return ``inputs`` with a loss-neutral dummy image when it has none (see the module docstring).
+
+    ``image_shape`` is one view's (channels, height, width); an AnyRes model's dummy image has ``views``
+    views (base and tiles) and ``image_size``, from which the model derives them."""
     if inputs.get("pixel_values") is not None:
         return inputs
     ids = inputs["input_ids"]
@@ -43,5 +47,7 @@ def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, im
         labels = inputs["labels"]
         out["labels"] = torch.cat([labels, torch.full((n, num_image_tokens), IGNORE_INDEX, dtype=labels.dtype,
                                                       device=labels.device)], dim=1)
-    out["pixel_values"] = torch.zeros((1, *image_shape), dtype=dtype, device=ids.device)
+    out["pixel_values"] = torch.zeros((views, *image_shape), dtype=dtype, device=ids.device)
+    if image_size is not None:
+        out["image_sizes"] = torch.tensor([image_size], dtype=torch.long, device=ids.device)
     return out

@@ -105,8 +105,9 @@ def _init_deepspeed_comm(train_args) -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
-def build_data(model_args, data_args, train_args, tokenizer, image_processor, num_image_tokens):
-    """Records → validated, length-indexed dataset, collator (no model needed)."""
+def build_data(model_args, data_args, train_args, tokenizer, image_processor, num_image_tokens, anyres=None):
+    """Records → validated, length-indexed dataset, collator (no model needed); ``anyres``: the model's
+    AnyRes geometry (LLaVA-NeXT), which decides each image's views and token count."""
     from llavakit.data.collate import LlavaCollator
     from llavakit.data.dataset import LlavaDataset, build_sample_index
     from llavakit.data.images import ImageTransform
@@ -118,7 +119,7 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
     template = get_template(model_args.version, tokenizer)
     encoder = ConversationEncoder(tokenizer, template, num_image_tokens,
                                   mm_use_im_start_end=model_args.mm_use_im_start_end,
-                                  max_length=train_args.model_max_length)
+                                  max_length=train_args.model_max_length, anyres=anyres)
     source = samples = None
     if is_shard_source(data_args.data_path):
         from llavakit.data.stream import ShardSource, open_shards
@@ -134,7 +135,7 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         logger.warning(p.message)
     with train_args.main_process_first(desc="length index"):
         index = build_sample_index(store, valid, encoder, train_args.model_max_length,
-                                   progress=train_args.process_index == 0)
+                                   progress=train_args.process_index == 0, image_folder=data_args.image_folder)
     if index.skipped:
         logger.warning("%d sample(s) skipped (listed in %s); first: %s", len(index.skipped),
                        os.path.join(train_args.output_dir, SKIPPED_REPORT), index.skipped[0]["message"])
@@ -149,7 +150,8 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         raise NoSamplesError(f"{data_args.data_path}: no sample left to train on: {why}")
     if index.has_image.any() and not data_args.image_folder and source is None:
         logger.warning("no --image_folder: image paths are taken as they are (absolute or relative to the cwd)")
-    transform = ImageTransform.from_processor(image_processor, data_args.image_aspect_ratio)
+    transform = ImageTransform.from_processor(image_processor, "anyres" if anyres else data_args.image_aspect_ratio,
+                                              anyres)
     report = os.path.join(train_args.output_dir, BAD_SAMPLES_REPORT)
     if source is not None:
         from llavakit.data.stream import ShardDataset
@@ -216,10 +218,12 @@ def run(config: RunConfig | list[str]) -> RunResult:
                        select_feature=model_args.mm_vision_select_feature, cache_dir=train_args.cache_dir,
                        mm_use_im_patch_token=model_args.mm_use_im_patch_token,
                        mm_use_im_start_end=model_args.mm_use_im_start_end,
-                       trust_remote_code=model_args.trust_remote_code)
+                       trust_remote_code=model_args.trust_remote_code,
+                       image_aspect_ratio=data_args.image_aspect_ratio,
+                       image_grid_pinpoints=data_args.image_grid_pinpoints)
     tokenizer = parts.tokenizer
     dataset, collator, template = build_data(model_args, data_args, train_args, tokenizer,
-                                             parts.image_processor, parts.num_image_tokens)
+                                             parts.image_processor, parts.num_image_tokens, parts.anyres)
     _init_deepspeed_comm(train_args)
     from transformers import enable_full_determinism, set_seed
 

@@ -10,7 +10,10 @@
 * ``lora`` — stage 2 with LoRA (``--lora_enable``, ``--bits 4|8`` for QLoRA): peft adapters on the language
   model, the projector trained fully beside them; saves write the adapter, the projector and the base record.
 
-The vision tower is always frozen (LLaVA-1.5 never trains it).
+The vision tower is frozen (LLaVA-1.5 never trains it) unless ``--unfreeze_mm_vision_tower`` trains it in
+full stage-2 training (LLaVA-NeXT's recipe). An AnyRes model's ``image_newline`` (the embedding that ends
+every row of tiles) trains with the language model, as the original's does; stage 1 leaves it as
+initialised.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
+TOWER = "vision_tower"
 STAGE_NAMES = {"align": "stage 1 (projector only)", "full": "stage 2 (full)", "lora": "stage 2 (LoRA)"}
 
 
@@ -30,6 +34,7 @@ class Stage:
     bits: int | None = None  # QLoRA: the language model quantised to 4 or 8 bits
     freeze_backbone: bool = False
     freeze_projector: bool = False
+    train_tower: bool = False  # --unfreeze_mm_vision_tower
     trainable: int = 0  # parameters, once :meth:`setup` ran
     total: int = 0
 
@@ -37,7 +42,8 @@ class Stage:
     def from_args(cls, model_args, train_args) -> Stage:
         kind = "align" if model_args.tune_mm_mlp_adapter else "lora" if train_args.lora_enable else "full"
         bits = train_args.bits if train_args.bits in (4, 8) else None
-        return cls(kind, bits, bool(model_args.freeze_backbone), bool(train_args.freeze_mm_mlp_adapter))
+        return cls(kind, bits, bool(model_args.freeze_backbone), bool(train_args.freeze_mm_mlp_adapter),
+                   bool(getattr(model_args, "unfreeze_mm_vision_tower", False)))
 
     @property
     def name(self) -> str:
@@ -80,6 +86,7 @@ class Stage:
         inner = model.model
         inner.vision_tower.requires_grad_(False)
         projector = inner.multi_modal_projector
+        newline = getattr(inner, "image_newline", None)  # AnyRes (LlavaNext)
         if self.kind == "align":
             model.requires_grad_(False)
             projector.requires_grad_(True)
@@ -87,8 +94,10 @@ class Stage:
             inner.language_model.requires_grad_(not self.freeze_backbone)
             model.lm_head.requires_grad_(not self.freeze_backbone)
             projector.requires_grad_(not self.freeze_projector)
+            if newline is not None:
+                newline.requires_grad_(not self.freeze_backbone)
         # lora: peft has frozen the base and made the adapters and the projector copy (modules_to_save) trainable
-        inner.vision_tower.requires_grad_(False)
+        inner.vision_tower.requires_grad_(self.kind == "full" and self.train_tower)
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in model.parameters())
         if self.trainable == 0:

@@ -2,8 +2,8 @@
 
 * the training dataloader uses llavakit's length-grouped batch sampler when ``--group_by_modality_length``
   or ``--group_by_length`` is set (accelerate deals its batches to ranks round-robin);
-* the optimizer has the projector in its own parameter groups when ``--mm_projector_lr`` is given, and no
-  weight decay on biases and norms;
+* the optimizer has the projector (the vision tower) in its own parameter groups when ``--mm_projector_lr``
+  (``--mm_vision_tower_lr``) is given, and no weight decay on biases and norms;
 * every text-only micro-batch still runs the vision path, loss-neutrally (see ``dummy_image.py``);
 * images arrive as uint8 and are normalised on the device (bit-identical to the image processor);
 * stage-1 saves (checkpoints included) write only the projector — under DeepSpeed too, whose engine state
@@ -29,11 +29,11 @@ from transformers.trainer_utils import seed_worker
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.data.stream import ShardDataset
 from llavakit.internals import TrainerSeam, attention_kernel
-from llavakit.model.build import num_image_tokens_for, uses_varlen_attention
+from llavakit.model.build import anyres_of, num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
 from llavakit.train.batch import BatchCounts, BatchPlan, prepare_batch
-from llavakit.train.stages import PROJECTOR, Stage
+from llavakit.train.stages import PROJECTOR, TOWER, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ class LlavaTrainer(TrainerSeam, Trainer):
         self._dummy = {"image_token_id": cfg.image_token_index, "num_image_tokens": n_image,
                        "image_shape": (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
                        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0}
+        anyres = anyres_of(cfg)
+        if anyres is not None:  # a dummy image of one tile's size: its base view and tiles, as for any image
+            side = vcfg.image_size
+            self._dummy.update(num_image_tokens=anyres.num_tokens(side, side), views=anyres.num_views(side, side),
+                               image_size=(side, side))
         # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
         self._varlen = uses_varlen_attention(attention_kernel(cfg.text_config))
         self.tokens_seen = 0  # real (non-padding) tokens
@@ -115,18 +120,19 @@ class LlavaTrainer(TrainerSeam, Trainer):
             return self.optimizer
         opt_model = self.model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list] = {}
-        proj_lr = self.args.mm_projector_lr
+        # a part with a rate of its own (--mm_projector_lr, --mm_vision_tower_lr) gets its own groups
+        own_lr = {PROJECTOR: self.args.mm_projector_lr, TOWER: self.args.mm_vision_tower_lr}
+        groups: dict[tuple[str, bool], list] = {}
         for n, p in opt_model.named_parameters():
             if not p.requires_grad:
                 continue
-            key = (PROJECTOR in n and proj_lr is not None, n in decay)
-            groups.setdefault(key, []).append(p)
+            part = next((k for k, lr in own_lr.items() if lr is not None and f"{k}." in n), "")
+            groups.setdefault((part, n in decay), []).append(p)
         param_groups = []
-        for (is_proj, has_decay), params in sorted(groups.items()):
+        for (part, has_decay), params in sorted(groups.items()):
             g = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
-            if is_proj:
-                g["lr"] = proj_lr
+            if part:
+                g["lr"] = own_lr[part]
             param_groups.append(g)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
