@@ -17,7 +17,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 #: LLaVA-NeXT's (llava-v1.6) grid for a 336-px tower: 1×2, 2×1, 2×2, 3×1, 1×3 tiles
@@ -140,6 +139,3 @@ class AnyRes:
         return f"anyres tile {self.tile} patch {self.patch} pinpoints {list(map(list, self.pinpoints))}" + \
             ("" if self.newline else " no-newline")
 
-
-def stack_views(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.stack(arrays) if arrays else np.zeros((0, 3, 1, 1), np.uint8)

@@ -1,0 +1,227 @@
+"""AnyRes (LLaVA-NeXT) training on transformers' LlavaNextForConditionalGeneration.
+
+* Geometry: each image's views (base view + tiles) are byte-equal to ``LlavaNextImageProcessorPil``'s and its
+  token count equals ``LlavaNextProcessor``'s, over many sizes, two tile sizes and both pinpoint spellings.
+* Training from the CLI (stage 1, then stage 2 with multi-image records and data-loader workers): the saved
+  model is a LlavaNext that plain ``AutoProcessor`` feeds with the very ids and pixels training used.
+* Packed == padded losses with AnyRes samples; a missing image is a named skip, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llavakit.data.anyres import AnyRes, AnyResError, parse_grid_pinpoints
+from llavakit.data.images import ImageTransform
+from tests.conftest import conv, make_image, write_json
+
+PINPOINTS = "[[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]"
+
+
+def hf_processors(tile: int, patch: int, pinpoints, cls_token: bool = True):
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                    image_grid_pinpoints=[list(p) for p in pinpoints])
+    proc = LlavaNextProcessor.__new__(LlavaNextProcessor)  # the counting needs no tokenizer
+    proc.image_processor, proc.patch_size = ip, patch
+    proc.num_additional_image_tokens = 1 if cls_token else 0
+    proc.vision_feature_select_strategy = "default" if cls_token else "full"
+    return ip, proc
+
+
+@pytest.mark.parametrize("tile,patch,pinpoints", [
+    (28, 14, None),  # LLaVA-NeXT's five grids, scaled to the tower
+    (30, 10, "(1x1),...,(3x3)"),  # LLaVA-OneVision's range spelling
+])
+def test_views_and_token_counts_are_transformers(tile, patch, pinpoints):
+    pins = parse_grid_pinpoints(pinpoints, tile)
+    ip, proc = hf_processors(tile, patch, pins)
+    geometry = AnyRes(pins, tile, patch)
+    transform = ImageTransform.from_processor(ip.to_dict(), "anyres", geometry)
+    rng = np.random.default_rng(0)
+    sizes = [(int(rng.integers(4, 240)), int(rng.integers(4, 240))) for _ in range(40)] + \
+        [(tile, tile), (1, 300), (300, 1), (tile * 3, tile)]
+    for h, w in sizes:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = ip(im, return_tensors="np")["pixel_values"][0]
+        views = transform.views(im)
+        assert views.dtype == np.uint8 and len(views) == geometry.num_views(h, w) == len(ref), (h, w)
+        assert np.array_equal(transform.normalize(views), ref), (h, w)
+        expected = proc._get_number_of_features(h, w, tile, tile) - 1  # "default" drops CLS
+        assert geometry.num_tokens(h, w) == expected, (h, w)
+
+
+def test_grid_pinpoints_spellings_and_errors():
+    assert parse_grid_pinpoints("[[336, 672], [672, 336]]", 336) == ((336, 672), (672, 336))
+    assert parse_grid_pinpoints([[28, 56]], 28) == ((28, 56),)
+    assert parse_grid_pinpoints("(1x1),...,(2x2)", 384) == ((384, 384), (384, 768), (768, 384), (768, 768))
+    assert parse_grid_pinpoints(None, 336)[0] == (336, 672)
+    with pytest.raises(AnyResError, match="not a whole number of 28-pixel tiles"):
+        parse_grid_pinpoints("[[30, 56]]", 28)
+    with pytest.raises(AnyResError, match="not a list of"):
+        parse_grid_pinpoints("[[28, 56], oops]", 28)
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def anyres_data(tmp_path_factory):
+    """Images of many sizes and aspect ratios; captions; instructions with one or two images (anywhere in any
+    turn) and text-only records."""
+    root = tmp_path_factory.mktemp("anyres_data")
+    images = root / "images"
+    captions, instruct = [], []
+    for i in range(12):
+        make_image(images / f"{i}.jpg", (20 + 9 * i, 70 - 4 * i), seed=i)
+        captions.append({"id": f"cap{i}", "image": f"{i}.jpg",
+                         "conversations": conv("<image>\nDescribe the image briefly.", "A small red circle.")})
+        if i % 4 == 3:
+            instruct.append({"id": f"txt{i}", "conversations": conv("Tell me a story about a cat.",
+                                                                   "Once upon a time a cat lived in a house.")})
+        elif i % 4 == 2:
+            instruct.append({"id": f"two{i}", "image": [f"{i}.jpg", f"{i - 1}.jpg"], "conversations": conv(
+                "<image>\nWhat colour is the circle?", "Red.", "And in this one? <image>", "Blue.")})
+        else:
+            instruct.append({"id": f"vqa{i}", "image": f"{i}.jpg", "conversations": conv(
+                "What colour is the circle?\n<image>", "The circle is red.")})
+    return {"images": str(images), "captions": str(write_json(root / "captions.json", captions)),
+            "instruct": str(write_json(root / "instruct.json", instruct)), "records": instruct}
+
+
+def anyres_flags(backbones, data, out, **over) -> list[str]:
+    flags = {"model_name_or_path": backbones["llm"], "vision_tower": backbones["clip"],
+             "image_folder": data["images"], "image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS,
+             "mm_patch_merge_type": "spatial_unpad", "report_to": "none", "per_device_train_batch_size": "4",
+             "dataloader_num_workers": "2", "save_strategy": "no", "seed": "0", "logging_steps": "1",
+             "learning_rate": "1e-3", "output_dir": str(out), **{k: str(v) for k, v in over.items()}}
+    return [x for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+def train_cli(flags: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "llavakit", "train", *flags], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def anyres_run(backbones, anyres_data, tmp_path_factory):
+    """Stage 1 (projector only) and stage 2 (full), AnyRes, from the CLI."""
+    s1, s2 = tmp_path_factory.mktemp("anyres_s1"), tmp_path_factory.mktemp("anyres_s2")
+    train_cli(anyres_flags(backbones, anyres_data, s1, version="plain", data_path=anyres_data["captions"],
+                           tune_mm_mlp_adapter=True, num_train_epochs=1))
+    train_cli(anyres_flags(backbones, anyres_data, s2, version="v1", data_path=anyres_data["instruct"],
+                           pretrain_mm_mlp_adapter=s1 / "mm_projector.bin", num_train_epochs=2,
+                           group_by_modality_length=True))
+    return {"s1": s1, "s2": s2}
+
+
+def training_samples(model_path, data) -> tuple[list[dict], object]:
+    """The samples stage-2 training builds from ``data``'s instructions (through the dataset)."""
+    from llavakit.config import RunConfig
+    from llavakit.model.build import load_parts
+    from llavakit.train.entry import build_data
+
+    cfg = RunConfig.from_options(model_name_or_path=str(model_path), image_folder=data["images"], version="v1",
+                                 image_aspect_ratio="anyres", data_path=data["instruct"], report_to="none",
+                                 output_dir=str(model_path / "check"))
+    parts = load_parts(str(model_path), None, image_aspect_ratio="anyres")
+    ds, collator, _ = build_data(cfg.model, cfg.data, cfg.train, parts.tokenizer, parts.image_processor,
+                                 parts.num_image_tokens, parts.anyres)
+    return [ds[i] | {"record": data["records"][int(ds.index.record_idx[i])]} for i in range(len(ds))], collator
+
+
+def test_anyres_model_trains_and_plain_transformers_builds_training_ids(anyres_run, anyres_data):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llavakit.data.images import open_image
+    from llavakit.data.records import Turn
+    from llavakit.data.templates import place_images
+
+    out = anyres_run["s2"]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaNextProcessor"
+    assert model.config.image_grid_pinpoints == json.loads(PINPOINTS)
+
+    samples, collator = training_samples(out, anyres_data)
+    seen_two = 0
+    for s in samples:
+        rec = s["record"]
+        paths = rec.get("image") or []
+        paths = paths if isinstance(paths, list) else [paths]
+        imgs = [open_image(f"{anyres_data['images']}/{p}") for p in paths]
+        turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in rec["conversations"]]
+        messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
+                    for t in place_images(turns, len(imgs))]
+        text = processor.apply_chat_template(messages)
+        enc = processor(text=[text], images=imgs or None, return_tensors="pt")
+        assert enc["input_ids"][0].tolist() == s["input_ids"].tolist(), rec["id"]
+        if not imgs:
+            assert s["images"] is None
+            continue
+        seen_two += len(imgs) == 2
+        assert s["image_sizes"].tolist() == [[im.height, im.width] for im in imgs]
+        views = [collator.transform.num_views(tuple(hw)) for hw in s["image_sizes"].tolist()]
+        ours = torch.split(collator.transform.normalize(s["images"]), views)
+        for k, (n, pixels) in enumerate(zip(views, ours)):  # the processor pads each image's views to the most
+            assert torch.equal(enc["pixel_values"][k][:n], pixels), rec["id"]
+        # the model takes the processor's inputs (every image token gets a feature)
+        with torch.no_grad():
+            assert model(**enc).logits.shape[1] == len(s["input_ids"])
+    assert seen_two >= 2
+
+
+def test_image_newline_trains_in_stage_2_only(anyres_run, backbones):
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    from llavakit.model.build import assemble
+    from llavakit.train.stages import Stage
+
+    set_seed(0)  # as the run: --seed decides the new weights, the projector's and then the newline's
+    fresh = assemble(backbones["llm"], backbones["clip"], image_aspect_ratio="anyres",
+                     image_grid_pinpoints=PINPOINTS).model
+    assert type(fresh).__name__ == "LlavaNextForConditionalGeneration"
+    hidden = fresh.config.text_config.hidden_size
+    initial = fresh.model.image_newline.detach().clone()
+    assert initial.shape == (hidden,) and 0.3 < float(initial.std() * hidden ** 0.5) < 3  # N(0, 1/hidden)
+    Stage("align").configure_trainable(fresh)
+    assert not fresh.model.image_newline.requires_grad  # stage 1: the projector only, as the original's
+    assert not any("newline" in k for k in torch.load(anyres_run["s1"] / "mm_projector.bin", weights_only=True))
+    Stage("full").configure_trainable(fresh)
+    assert fresh.model.image_newline.requires_grad
+    trained = load_file(str(anyres_run["s2"] / "model.safetensors"))["image_newline"]  # (saved in the hub layout)
+    assert 1e-6 < float((trained - initial).abs().max()) < 0.1  # moved from the run's own initial value
+
+
+def test_packed_equals_padded_with_anyres_samples(backbones, anyres_data, tmp_path):
+    from tests.conftest import assert_same_losses, logged_losses
+
+    common = dict(version="v1", data_path=anyres_data["instruct"], max_steps=4, dataloader_num_workers=0,
+                  learning_rate="1e-4")
+    padded = tmp_path / "padded"
+    packed = tmp_path / "packed"
+    train_cli(anyres_flags(backbones, anyres_data, padded, **common))
+    train_cli(anyres_flags(backbones, anyres_data, packed, packing=True, **common))
+    assert_same_losses(logged_losses(padded), logged_losses(packed), range(1, 5), 1e-4)
+
+
+def test_a_missing_image_is_a_named_skip(backbones, anyres_data, tmp_path):
+    records = json.loads(open(anyres_data["instruct"]).read())
+    records.append({"id": "gone", "image": "nope.jpg", "conversations": conv("<image>\nWhat?", "Red.")})
+    data = dict(anyres_data, instruct=str(write_json(tmp_path / "instruct.json", records)))
+    out = tmp_path / "out"
+    train_cli(anyres_flags(backbones, data, out, version="v1", data_path=data["instruct"], max_steps=1))
+    skipped = [json.loads(x) for x in (out / "skipped_samples.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["kind"]) for s in skipped] == [("gone", "bad_image")]
+    assert "nope.jpg: image file not found" in skipped[0]["message"]
