@@ -225,3 +225,39 @@ def test_a_missing_image_is_a_named_skip(backbones, anyres_data, tmp_path):
     skipped = [json.loads(x) for x in (out / "skipped_samples.jsonl").read_text().splitlines()]
     assert [(s["id"], s["kind"]) for s in skipped] == [("gone", "bad_image")]
     assert "nope.jpg: image file not found" in skipped[0]["message"]
+
+
+def test_llavakit_inference_builds_training_ids_and_generates(anyres_run, anyres_data):
+    from transformers import AutoProcessor
+
+    from llavakit.data.images import open_image
+    from llavakit.data.records import Turn
+    from llavakit.data.templates import place_images
+    from llavakit.infer.generate import Predictor, Query
+
+    out = anyres_run["s2"]
+    pred = Predictor.from_pretrained(str(out), device="cpu", dtype=torch.float32)
+    samples, _ = training_samples(out, anyres_data)
+    two = next(s for s in samples if isinstance(s["record"].get("image"), list))
+    paths = [f"{anyres_data['images']}/{p}" for p in two["record"]["image"]]
+    turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in two["record"]["conversations"]]
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
+                for t in place_images(turns, 2)][:-1]  # up to the last question
+    ids = pred._inputs([pred.render(messages)], [open_image(p) for p in paths])["input_ids"][0].tolist()
+    assert ids == two["input_ids"].tolist()[:len(ids)]
+    rest = pred.tokenizer.decode(two["input_ids"][len(ids):], skip_special_tokens=True)
+    assert rest.strip() == "Blue."  # only the last answer is left
+
+    # greedy answers: llavakit's batched generation (images of three sizes in one batch) and plain transformers
+    queries = [Query("What colour is the circle?", f"{anyres_data['images']}/{i}.jpg") for i in (0, 5, 11)]
+    ours = pred.generate(queries, max_new_tokens=5, batch_size=3)
+    processor = AutoProcessor.from_pretrained(out)
+    for q, answer in zip(queries, ours):
+        prompt = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
+        enc = processor(text=[prompt], images=[open_image(q.image)], return_tensors="pt")
+        gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
+        assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
+    chat = pred.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                                   {"type": "image"}]}], paths)
+    assert isinstance(chat, str)

@@ -46,7 +46,7 @@ class Sampling:
 class Predictor:
     def __init__(self, model, processor, device: str | torch.device | None = None):
         from llavakit.data.tokenize import PromptEncoder
-        from llavakit.model.build import num_image_tokens_for
+        from llavakit.model.build import anyres_of, num_image_tokens_for
 
         self.model = model.eval()
         self.processor = processor
@@ -54,7 +54,8 @@ class Predictor:
         # prompts are tokenized as training tokenized them: chunk by chunk around each image
         cfg = model.config
         self.encoder = PromptEncoder(self.tokenizer, num_image_tokens_for(cfg.vision_config,
-                                                                          cfg.vision_feature_select_strategy))
+                                                                          cfg.vision_feature_select_strategy),
+                                     anyres=anyres_of(cfg))
         if self.encoder.image_token_id != cfg.image_token_index:
             raise ValueError(f"the tokenizer's <image> id {self.encoder.image_token_id} is not the model's "
                              f"image_token_index {cfg.image_token_index}")
@@ -84,8 +85,9 @@ class Predictor:
             text = text[len(bos):]  # the encoder adds BOS itself, as training did
         return text
 
-    def input_ids(self, text: str) -> list[int]:
-        return self.encoder.encode_prompt(text)
+    def input_ids(self, text: str, image_sizes=None) -> list[int]:
+        """``image_sizes``: the (height, width) of the text's images, which an AnyRes model needs."""
+        return self.encoder.encode_prompt(text, image_sizes)
 
     # ---- batched single questions ---------------------------------------------------------------
     @torch.no_grad()
@@ -105,12 +107,18 @@ class Predictor:
         return out
 
     def _inputs(self, texts: list[str], images) -> dict:
-        """Left-padded ids (chunk-wise, as in training), attention mask and the images' pixel values."""
-        rows = [self.input_ids(t) for t in texts]
+        """Left-padded ids (chunk-wise, as in training), attention mask and the images' pixel values (an
+        AnyRes model's: every image's views, and its size)."""
         n_blocks = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
         if n_blocks != len(images or ()):
             raise ValueError(f"the prompts hold {n_blocks} image placeholder(s) but {len(images or ())} image(s) "
                              "were given")
+        sizes = [(im.height, im.width) for im in images or ()]
+        rows, k = [], 0
+        for t in texts:
+            n = t.count(IMAGE_PLACEHOLDER)
+            rows.append(self.input_ids(t, sizes[k:k + n]))
+            k += n
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -120,8 +128,10 @@ class Predictor:
             mask[i, width - len(r):] = 1
         inputs = {"input_ids": ids, "attention_mask": mask}
         if images:
-            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            inputs["pixel_values"] = pixels.to(self.model.dtype)
+            processed = self.processor.image_processor(images=images, return_tensors="pt")
+            inputs["pixel_values"] = processed["pixel_values"].to(self.model.dtype)
+            if self.encoder.anyres is not None:
+                inputs["image_sizes"] = processed["image_sizes"]
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     def _generate(self, texts: list[str], images, sampling: Sampling) -> list[str]:

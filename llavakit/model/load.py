@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llavakit.model.build import ModelLoadError, checkpoint_kind, read_config_dict
+from llavakit.model.build import ModelLoadError, checkpoint_kind, native_classes, read_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass
 class Loaded:
-    model: Any  # LlavaForConditionalGeneration, eval mode
-    processor: Any  # LlavaProcessor with the chat template the model was trained with
+    model: Any  # LlavaForConditionalGeneration (LlavaNext for AnyRes), eval mode
+    processor: Any  # LlavaProcessor (LlavaNextProcessor) with the chat template the model was trained with
     kind: str  # "llava-hf" or "lora"
 
 
@@ -58,15 +58,17 @@ def load_llava(path: str, *, model_base: str | None = None, dtype: torch.dtype |
     else:
         if not os.path.exists(path) and "/" not in path:
             raise ModelLoadError(f"{path}: no such model directory")
-        kind = checkpoint_kind(read_config_dict(path))
+        cfg = read_config_dict(path)
+        kind = checkpoint_kind(cfg)
         if kind != "llava-hf":
             hint = (f"convert it first: llavakit convert from-original --model-path {path} --save-model-path "
                     f"{path.rstrip('/')}-hf" if kind == "llava-original" else
                     "give a LLaVA checkpoint (a stage-2 or merged output), not a language model")
             raise ModelLoadError(f"{path} is not a transformers-native LLaVA checkpoint; {hint}")
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model_cls = native_classes(cfg.get("model_type") == "llava_next")[0]
+        model = model_cls.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
     if conv_mode:
         use_template(model, processor, conv_mode)
