@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -261,3 +262,34 @@ def test_llavakit_inference_builds_training_ids_and_generates(anyres_run, anyres
     chat = pred.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
                                                    {"type": "image"}]}], paths)
     assert isinstance(chat, str)
+
+
+def test_data_preview_and_check_report_each_samples_image_tokens(backbones, anyres_data, tmp_path):
+    from llavakit.cli import main
+
+    anyres = AnyRes(parse_grid_pinpoints(PINPOINTS, 28), 28, 14)
+    flags = ["--data_path", anyres_data["instruct"], "--image_folder", anyres_data["images"], "--tokenizer",
+             backbones["llm"], "--version", "v1", "--image_aspect_ratio", "anyres", "--image_grid_pinpoints",
+             PINPOINTS, "--vision_tower", backbones["clip"]]
+    r = subprocess.run([sys.executable, "-m", "llavakit", "data", "preview", *flags, "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    items = {i["id"]: i for i in map(json.loads, r.stdout.splitlines())}
+    for rec in anyres_data["records"]:
+        paths = rec.get("image") or []
+        expected = [anyres.num_tokens(*reversed(Image.open(f"{anyres_data['images']}/{p}").size))
+                    for p in (paths if isinstance(paths, list) else [paths])]
+        assert items[rec["id"]]["image_tokens"] == expected
+        assert items[rec["id"]]["input_ids"].count(items[rec["id"]]["image_token_id"]) == sum(expected)
+    assert len(set(map(tuple, (i["image_tokens"] for i in items.values())))) > 4  # the sizes differ
+
+    records = json.loads(open(anyres_data["instruct"]).read())
+    records.append({"id": "gone", "image": "nope.jpg", "conversations": conv("<image>\nWhat?", "Red.")})
+    data = write_json(tmp_path / "instruct.json", records)
+    out = tmp_path / "check.json"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        rc = main(["data", "check", *flags[2:], "--data_path", str(data), "--json"])
+    report = json.loads(out.read_text())
+    assert rc == 1 and [(p["id"], p["kind"]) for p in report["problems"]] == [("gone", "missing_image")]
+    assert report["image_tokens"]["max"] == max(
+        sum(items[r["id"]]["image_tokens"]) for r in anyres_data["records"])

@@ -22,8 +22,8 @@ def test_preview_json_one_object_per_record_in_file_order(tmp_path, tokenizer_di
     items = [json.loads(line) for line in r.stdout.splitlines()]
     assert [i["id"] for i in items] == ["img1", "img2", "txt1", "img3"]
     first = items[0]
-    assert set(first) >= {"id", "prompt", "input_ids", "labels", "image_token_id", "num_image_tokens"}
-    assert first["num_image_tokens"] == 5
+    assert set(first) >= {"id", "prompt", "input_ids", "labels", "image_token_id", "image_tokens"}
+    assert first["image_tokens"] == [5]  # per image
     assert first["input_ids"].count(first["image_token_id"]) == 5
     assert "USER: <image>\nWhat colour is the circle? ASSISTANT: The circle is red.</s>" in first["prompt"]
     sup = [t for t, lab in zip(first["input_ids"], first["labels"]) if lab != IGNORE_INDEX]

@@ -145,8 +145,12 @@ def run_check(data_path: str, image_folder: str | None = None, encoder=None,
     if encoder is not None:
         import numpy as np
 
-        index = build_sample_index(store, valid, encoder, model_max_length, progress=progress)
+        index = build_sample_index(store, valid, encoder, model_max_length, progress=progress,
+                                   image_folder=image_folder)
+        image_problems = {p.index for p in report.problems if p.kind in ("missing_image", "bad_image")}
         for s in index.skipped:
+            if s["kind"] == "bad_image" and s["index"] in image_problems:
+                continue  # (AnyRes reads image sizes: the image check above already named it)
             report.problems.append(Problem(s["index"], s["id"], s["kind"], s["message"]))
             if s["index"] in sources:
                 kinds = per_source[sources[s["index"]]]["problems"]
@@ -154,6 +158,9 @@ def run_check(data_path: str, image_folder: str | None = None, encoder=None,
         lengths = index.full_lengths
         if len(lengths):
             report.extra["token_lengths"] = _length_stats(lengths)
+        with_images = index.image_tokens[index.has_image]
+        if len(with_images):  # per sample, all its images (AnyRes: from their sizes)
+            report.extra["image_tokens"] = _length_stats(with_images)
         report.extra["truncated"] = index.num_truncated
         by_src: dict[str, list[int]] = {}
         truncated: dict[str, int] = {}

@@ -47,6 +47,8 @@ class SampleIndex:
     has_image: np.ndarray
     full_lengths: np.ndarray
     skipped: list[dict] = field(default_factory=list)
+    #: image tokens of each sample (all its images; with AnyRes they follow the images' sizes)
+    image_tokens: np.ndarray | None = None
 
     @property
     def num_truncated(self) -> int:
@@ -112,7 +114,7 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
         if cand.is_file():
             try:
                 data = dict(np.load(cand, allow_pickle=False))
-                if np.array_equal(data["record_idx"], valid_arr):
+                if np.array_equal(data["record_idx"], valid_arr) and "image_tokens" in data:
                     return data
             except (OSError, ValueError, KeyError):
                 logger.warning("ignoring unreadable length cache %s", cand)
@@ -120,6 +122,7 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
     full = np.zeros(n, np.int64)
     image_end = np.zeros(n, np.int64)
     first_sup = np.zeros(n, np.int64)
+    image_tokens = np.zeros(n, np.int64)
     has_image = np.zeros(n, bool)
     status = np.zeros(n, np.int8)
     errors: list[str] = []
@@ -148,8 +151,10 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
             errors.append(f"{k}\t{e}")
             continue
         full[k], image_end[k], first_sup[k] = len(enc), enc.image_end, enc.first_supervised
+        image_tokens[k] = sum(b - a for a, b in enc.image_spans)
     data = {"record_idx": valid_arr, "full": full, "image_end": image_end, "first_sup": first_sup,
-            "has_image": has_image, "status": status, "errors": np.asarray(errors, dtype=str)}
+            "image_tokens": image_tokens, "has_image": has_image, "status": status,
+            "errors": np.asarray(errors, dtype=str)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -196,6 +201,7 @@ def build_sample_index(store: RecordStore, valid: list[int], encoder: Conversati
         has_image=data["has_image"][keep_arr] if len(keep) else np.zeros(0, bool),
         full_lengths=data["full"][keep_arr] if len(keep) else np.zeros(0, np.int64),
         skipped=skipped,
+        image_tokens=data["image_tokens"][keep_arr] if len(keep) else np.zeros(0, np.int64),
     )
 
 

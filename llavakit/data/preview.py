@@ -7,14 +7,17 @@ import sys
 from collections.abc import Iterator
 
 from llavakit import IGNORE_INDEX
+from llavakit.data.dataset import resolve_image
+from llavakit.data.images import ImageLoadError, image_size
 from llavakit.data.records import RecordStore, check_record
 from llavakit.data.templates import TemplateError
 from llavakit.data.tokenize import ConversationEncoder, SampleTooLong, SupervisionError
 
 
 def preview_records(store: RecordStore, encoder: ConversationEncoder, model_max_length: int | None = None,
-                    limit: int | None = None) -> Iterator[dict]:
-    """One dict per record in file order; invalid or unencodable records carry an ``error``."""
+                    limit: int | None = None, image_folder: str | None = None) -> Iterator[dict]:
+    """One dict per record in file order; invalid or unencodable records carry an ``error``. With AnyRes
+    each image's token count follows its size, read from its header under ``image_folder``."""
     n = len(store) if limit is None else min(limit, len(store))
     for i in range(n):
         raw = store.raw(i)
@@ -24,13 +27,15 @@ def preview_records(store: RecordStore, encoder: ConversationEncoder, model_max_
                    "error": "; ".join(p.message for p in problems)}
             continue
         try:
-            enc = encoder.fit(encoder.encode(rec), model_max_length)
-        except (SupervisionError, SampleTooLong, TemplateError) as e:
+            sizes = [image_size(resolve_image(image_folder, p)) for p in rec.images] \
+                if encoder.anyres is not None else None
+            enc = encoder.fit(encoder.encode(rec, sizes), model_max_length)
+        except (SupervisionError, SampleTooLong, TemplateError, ImageLoadError) as e:
             yield {"index": i, "id": rec.id, "error": f"{store.source}: record {i} (id={rec.id!r}): {e}"}
             continue
         yield {"index": i, "id": rec.id, "prompt": enc.prompt, "input_ids": enc.input_ids,
                "labels": enc.labels, "image_token_id": encoder.image_token_id,
-               "num_image_tokens": encoder.num_image_tokens}
+               "image_tokens": [b - a for a, b in enc.image_spans]}
 
 
 def render_readable(item: dict, tokenizer, color: bool) -> str:
@@ -38,7 +43,8 @@ def render_readable(item: dict, tokenizer, color: bool) -> str:
     if "error" in item:
         return f"#{item['index']} id={item['id']!r}\n  ERROR: {item['error']}\n"
     on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
-    out = [f"#{item['index']} id={item['id']!r}  ({len(item['input_ids'])} tokens, "
+    images = f", {sum(item['image_tokens'])} image tokens" if item["image_tokens"] else ""
+    out = [f"#{item['index']} id={item['id']!r}  ({len(item['input_ids'])} tokens{images}, "
            f"{sum(lab != IGNORE_INDEX for lab in item['labels'])} supervised)"]
     text, run, sup_run = [], [], None
     img = item["image_token_id"]

@@ -107,6 +107,11 @@ def num_image_tokens_for(vision_config, strategy: str) -> int:
     return n + 1 if strategy == "full" and has_cls_token(vision_config) else n
 
 
+def vision_config_of(vision_tower: str, cache_dir: str | None = None):
+    """The vision config of a tower directory or hub name, or of a LLaVA checkpoint's tower."""
+    return _vision_config(vision_tower, cache_dir)
+
+
 def _vision_config(vision_tower: str, cache_dir: str | None):
     from transformers import AutoConfig
 
