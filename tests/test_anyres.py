@@ -293,3 +293,26 @@ def test_data_preview_and_check_report_each_samples_image_tokens(backbones, anyr
     assert rc == 1 and [(p["id"], p["kind"]) for p in report["problems"]] == [("gone", "missing_image")]
     assert report["image_tokens"]["max"] == max(
         sum(items[r["id"]]["image_tokens"]) for r in anyres_data["records"])
+
+
+@pytest.mark.slow
+def test_ddp_mixed_image_counts_and_exact_resume(backbones, anyres_data, tmp_path):
+    """Two ranks, one sample each per step, no grouping: steps where one rank has two images (and more
+    tiles) while the other has one or none (the dummy image's views). No hang, no unused parameter; a
+    resume from the middle gives the uninterrupted run's losses."""
+    from tests.conftest import assert_same_losses, logged_losses
+    from tests.test_distributed import tail, torchrun
+
+    common = dict(version="v1", data_path=anyres_data["instruct"], per_device_train_batch_size=1,
+                  dataloader_num_workers=1, ddp_find_unused_parameters="False", ddp_backend="gloo",
+                  save_strategy="steps", save_steps=3, num_train_epochs=1)
+    full = tmp_path / "full"
+    r = torchrun(anyres_flags(backbones, anyres_data, full, **common))
+    assert r.returncode == 0, tail(r)
+    ref = logged_losses(full)
+    assert sorted(ref) == list(range(1, 7))
+    resumed = tmp_path / "resumed"
+    r = torchrun(anyres_flags(backbones, anyres_data, resumed, resume_from_checkpoint=full / "checkpoint-3",
+                              **common))
+    assert r.returncode == 0, tail(r)
+    assert_same_losses(ref, logged_losses(resumed), range(4, 7), 1e-5)

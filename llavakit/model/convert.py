@@ -52,11 +52,12 @@ PROJECTOR_LAYERS = ORIGINAL_TO_HF  # the original's Sequential indices → trans
 #: the key prefixes transformers' ``save_pretrained`` writes for Llava (its older module layout, also the
 #: llava-hf checkpoints') → the module's current names
 SAVED_TO_NATIVE = (("language_model.lm_head.", "lm_head."), ("language_model.model.", NATIVE_LM),
-                   ("vision_tower.", NATIVE_VISION), ("multi_modal_projector.", NATIVE_PROJECTOR))
+                   ("vision_tower.", NATIVE_VISION), ("multi_modal_projector.", NATIVE_PROJECTOR),
+                   ("image_newline", "model.image_newline"))  # LlavaNext
 
 
 def native_key(key: str) -> str:
-    """A Llava weight name as saved (older layout) or current → its current name."""
+    """A Llava / LlavaNext weight name as saved (older layout) or current → its current name."""
     for saved, native in SAVED_TO_NATIVE:
         if key.startswith(saved):
             return native + key[len(saved):]
