@@ -13,6 +13,13 @@ per-device batches (16 per device × 8 devices) three ways:
 * packed: the same batches without padding (one row per micro-batch, FlashAttention-2 varlen), and in rows
   of at most 2,048 tokens (what SDPA / eager would use).
 
+With ``--anyres`` every image record's 576 image tokens become what LLaVA-NeXT's AnyRes gives its image
+(336-px CLIP tiles, the five LLaVA-NeXT grids, unpadded rows plus a newline each: 1,000 to 2,928 tokens)
+and the length cap is 4,096 (LLaVA-NeXT's). The image sizes are modelled per source, from the sources'
+published conventions: COCO images (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO) 640 px on the long
+side, GQA and Visual Genome 500 px, TextCaps (Open Images) 1,024 px — three in four landscape, with the
+common short sides of each; OCR-VQA's book covers portrait, about 500 × 330. Text lengths are as above.
+
 ``train`` runs a few steps of a tiny model on the CPU, padded and packed, on the same samples.
 """
 
@@ -32,17 +39,42 @@ IMAGE_TOKENS = 576
 MAX_LEN = 2048
 
 
-def mix665k_lengths(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+ANYRES_MAX_LEN = 4096
+#: image sizes per source for ``--anyres``: (long side, {short side: probability}, landscape probability)
+SOURCE_IMAGE_SIZES = {
+    "coco": (640, {480: 0.55, 427: 0.3, 360: 0.1, 640: 0.05}, 0.75),
+    "gqa_vg": (500, {375: 0.5, 333: 0.3, 281: 0.1, 500: 0.1}, 0.75),
+    "textcaps": (1024, {768: 0.6, 683: 0.3, 1024: 0.1}, 0.75),
+    "ocrvqa": (500, {330: 0.7, 300: 0.2, 380: 0.1}, 0.0),
+}
+SOURCE_KIND = {"gqa": "gqa_vg", "vg": "gqa_vg", "textcaps": "textcaps", "ocrvqa": "ocrvqa"}
+
+
+def anyres_image_tokens(source: str, n: int, rng) -> np.ndarray:
+    """AnyRes image tokens of ``n`` images of a mix665k source (LLaVA-NeXT's grids, 336-px CLIP tiles)."""
+    from llavakit.data.anyres import LLAVA_NEXT_PINPOINTS, AnyRes
+
+    geometry = AnyRes(LLAVA_NEXT_PINPOINTS, 336, 14)
+    long, shorts, landscape = SOURCE_IMAGE_SIZES[SOURCE_KIND.get(source, "coco")]
+    short = rng.choice(list(shorts), size=n, p=list(shorts.values()))
+    wide = rng.random(n) < landscape
+    tokens = {(int(s), bool(w)): geometry.num_tokens(*((s, long) if w else (long, s)))
+              for s in shorts for w in (True, False)}
+    return np.array([tokens[(int(s), bool(w))] for s, w in zip(short, wide)], dtype=np.int64)
+
+
+def mix665k_lengths(seed: int = 0, anyres: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(lengths, has_image) for a mix665k-shaped dataset (see the module docstring)."""
     rng = np.random.default_rng(seed)
     parts, images = [], []
-    for _, n, median, sigma in MIX665K_IMAGE_SOURCES:
-        parts.append(IMAGE_TOKENS + np.exp(rng.normal(np.log(median), sigma, n)).astype(np.int64))
+    for name, n, median, sigma in MIX665K_IMAGE_SOURCES:
+        text = np.exp(rng.normal(np.log(median), sigma, n)).astype(np.int64)
+        parts.append(text + (anyres_image_tokens(name, n, rng) if anyres else IMAGE_TOKENS))
         images.append(np.ones(n, bool))
     text_n = MIX665K_RECORDS - sum(n for _, n, _, _ in MIX665K_IMAGE_SOURCES)
     parts.append(np.exp(rng.normal(np.log(900), 0.7, text_n)).astype(np.int64))
     images.append(np.zeros(text_n, bool))
-    lengths = np.minimum(np.concatenate(parts), MAX_LEN)
+    lengths = np.minimum(np.concatenate(parts), ANYRES_MAX_LEN if anyres else MAX_LEN)
     has_image = np.concatenate(images)
     perm = rng.permutation(len(lengths))
     return lengths[perm], has_image[perm]
@@ -98,8 +130,9 @@ def real_fraction_rows(batches: list[list[int]], lengths: np.ndarray, capacity: 
     return real / processed
 
 
-def bench_padding(seed: int = 0, batch: int = 16, world: int = 8) -> dict:
-    lengths, has_image = mix665k_lengths(seed)
+def bench_padding(seed: int = 0, batch: int = 16, world: int = 8, anyres: bool = False) -> dict:
+    lengths, has_image = mix665k_lengths(seed, anyres)
+    cap = ANYRES_MAX_LEN if anyres else MAX_LEN
     orig = original_batches(lengths, has_image, batch, world, seed)
     ours = grouped_batches(lengths, has_image, batch, world, seed)
     return {
@@ -108,7 +141,8 @@ def bench_padding(seed: int = 0, batch: int = 16, world: int = 8) -> dict:
         "grouped_50_steps_real_fraction": round(real_fraction_padded(
             grouped_batches(lengths, has_image, batch, world, seed, window_steps=50), lengths), 4),
         "packed_real_fraction": round(real_fraction_rows(ours, lengths, None), 4),
-        "packed_rows_2048_real_fraction": round(real_fraction_rows(ours, lengths, MAX_LEN), 4),
+        f"packed_rows_{cap}_real_fraction": round(real_fraction_rows(ours, lengths, cap), 4),
+        "anyres": anyres,
         "records": int(len(lengths)), "text_only_fraction": round(float((~has_image).mean()), 4),
         "per_device_batch": batch, "world_size": world,
         "lengths": {"mean": round(float(lengths.mean()), 1), "median": int(np.median(lengths)),
@@ -204,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("padding", help="real-token fraction: original batching, our grouping, packing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anyres", action="store_true", help="LLaVA-NeXT's AnyRes image tokens (see the module doc)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("train", help="tiny-model CPU steps, padded vs packed")
     p.add_argument("--steps", type=int, default=12)
@@ -211,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.what == "padding":
-        result = bench_padding(args.seed)
+        result = bench_padding(args.seed, anyres=args.anyres)
     else:
         import logging
 
