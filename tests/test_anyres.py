@@ -316,3 +316,38 @@ def test_ddp_mixed_image_counts_and_exact_resume(backbones, anyres_data, tmp_pat
                               **common))
     assert r.returncode == 0, tail(r)
     assert_same_losses(ref, logged_losses(resumed), range(4, 7), 1e-5)
+
+
+def test_serve_and_predict_take_the_anyres_model(anyres_run, anyres_data, tmp_path):
+    """The OpenAI-compatible server answers about two images of different sizes as the model does locally,
+    and ``llavakit predict`` answers LLaVA question lines."""
+    import base64
+
+    import openai
+
+    from llavakit.infer.generate import Predictor, Sampling
+    from tests.conftest import serving
+
+    out = anyres_run["s2"]
+    paths = [f"{anyres_data['images']}/{i}.jpg" for i in (1, 10)]
+    urls = ["data:image/jpeg;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in paths]
+    content = [{"type": "image_url", "image_url": {"url": urls[0]}}, {"type": "text", "text": "Compare"},
+               {"type": "image_url", "image_url": {"url": urls[1]}}]
+    local = Predictor.from_pretrained(str(out), device="cpu").chat(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}]}],
+        paths, Sampling(max_new_tokens=5))
+    with serving(out, "--max-new-tokens", "8") as (_, port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                              max_tokens=5)
+    assert resp.choices[0].message.content == local
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "image": f"{i}.jpg", "text": "What colour?"})
+                                 + "\n" for i in (0, 4, 8)))
+    answers = tmp_path / "a.jsonl"
+    r = subprocess.run([sys.executable, "-m", "llavakit", "predict", "--model-path", str(out), "--question-file",
+                        str(questions), "--image-folder", anyres_data["images"], "--answers-file", str(answers),
+                        "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["question_id"] for x in answers.read_text().splitlines()] == ["q0", "q4", "q8"]
