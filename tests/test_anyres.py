@@ -351,3 +351,30 @@ def test_serve_and_predict_take_the_anyres_model(anyres_run, anyres_data, tmp_pa
                         "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["question_id"] for x in answers.read_text().splitlines()] == ["q0", "q4", "q8"]
+
+
+def test_unfrozen_vision_tower_trains_at_its_own_rate(backbones, anyres_data, tmp_path):
+    """--unfreeze_mm_vision_tower: the tower's layers up to the one LLaVA reads train, in their own optimizer
+    group at --mm_vision_tower_lr; the last layer and the final norm (which never reach the features) stay."""
+    from safetensors.torch import load_file
+
+    from llavakit.config import RunConfig
+    from llavakit.train.entry import run
+
+    out = tmp_path / "tower"
+    flags = anyres_flags(backbones, anyres_data, out, version="v1", data_path=anyres_data["instruct"], max_steps=2,
+                         dataloader_num_workers=0, unfreeze_mm_vision_tower=True, mm_vision_tower_lr=5e-3)
+    result = run(RunConfig.from_argv(flags))
+    groups = result.trainer.optimizer.param_groups
+    tower_params = {id(p) for n, p in result.trainer.model.named_parameters() if "vision_tower." in n}
+    tower_groups = [g for g in groups if any(id(p) in tower_params for p in g["params"])]
+    assert tower_groups and all(g["lr"] == 0 or g["initial_lr"] == 5e-3 for g in tower_groups)
+    assert all(id(p) in tower_params for g in tower_groups for p in g["params"])
+    before = load_file(f"{backbones['clip']}/model.safetensors")
+    after = {k.split("vision_tower.", 1)[1]: v for k, v in load_file(str(out / "model.safetensors")).items()
+             if "vision_tower." in k}
+    key = {k.split("vision_model.", 1)[-1]: k for k in before}
+    changed = {k for k, v in after.items() if not torch.equal(v, before[key[k]])}
+    layers = 3  # tiny_clip: LLaVA reads the second to last layer's output, so layer 2 and the norm are unused
+    assert any(k.startswith("encoder.layers.0.") for k in changed) and "embeddings.patch_embedding.weight" in changed
+    assert not any(k.startswith(f"encoder.layers.{layers - 1}.") or k.startswith("post_layernorm") for k in changed)

@@ -98,6 +98,8 @@ class Stage:
                 newline.requires_grad_(not self.freeze_backbone)
         # lora: peft has frozen the base and made the adapters and the projector copy (modules_to_save) trainable
         inner.vision_tower.requires_grad_(self.kind == "full" and self.train_tower)
+        if self.kind == "full" and self.train_tower:
+            freeze_unused_tower_parts(inner.vision_tower, model.config.vision_feature_layer)
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in model.parameters())
         if self.trainable == 0:
@@ -108,6 +110,27 @@ class Stage:
     def describe(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         return f"{self.name}: {self.trainable:,} of {self.total:,} parameters train ({pct:.2f}%)"
+
+
+def freeze_unused_tower_parts(tower, feature_layer) -> list[str]:
+    """Freeze what of a trained vision tower never reaches the features: the encoder layers after the
+    selected one (LLaVA reads the second to last), the final norm and a pooling head. They get no gradient
+    (under DDP an "unused parameter" error, with activation checkpointing a failed step) and would only
+    decay. Returns the frozen parts' names."""
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if layers is None:
+        return []
+    chosen = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    hidden_states = len(layers) + 1  # the embeddings, then every layer's output
+    last = max(k if k >= 0 else hidden_states + k for k in chosen)
+    frozen = [f"encoder.layers.{i}" for i in range(last, len(layers))]
+    for i in range(last, len(layers)):
+        layers[i].requires_grad_(False)
+    for name in ("post_layernorm", "head"):
+        if getattr(tower, name, None) is not None:
+            getattr(tower, name).requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def _outputs_require_grad(module, inputs, output):
