@@ -276,9 +276,6 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     if d.image_aspect_ratio == "anyres" and d.data_path and is_shard_source(d.data_path):
         errors.append(f"--data_path {d.data_path}: AnyRes training from shards is not supported yet (the shards do "
                       "not record their images' sizes); train from the records and --image_folder")
-    if d.image_aspect_ratio == "anyres" and t.lora_enable:
-        errors.append("--lora_enable with --image_aspect_ratio anyres is not supported yet (the adapter would not "
-                      "carry the model's image_newline); train AnyRes models in full")
     if d.image_grid_pinpoints and d.image_aspect_ratio != "anyres":
         errors.append("--image_grid_pinpoints tiles images for --image_aspect_ratio anyres; add it, or drop the grid")
     if t.mm_vision_tower_lr is not None and not m.unfreeze_mm_vision_tower:

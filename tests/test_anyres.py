@@ -378,3 +378,52 @@ def test_unfrozen_vision_tower_trains_at_its_own_rate(backbones, anyres_data, tm
     layers = 3  # tiny_clip: LLaVA reads the second to last layer's output, so layer 2 and the norm are unused
     assert any(k.startswith("encoder.layers.0.") for k in changed) and "embeddings.patch_embedding.weight" in changed
     assert not any(k.startswith(f"encoder.layers.{layers - 1}.") or k.startswith("post_layernorm") for k in changed)
+
+
+def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones, anyres_data, anyres_run, tmp_path):
+    """LoRA on an AnyRes model: the image_newline trains beside the projector and is saved next to the
+    adapter; merge-lora gives the logits of the unmerged model; a resume gives the uninterrupted losses."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llavakit.cli import main
+    from llavakit.data.images import open_image
+    from llavakit.infer.generate import user_message
+    from llavakit.model.build import assemble
+    from llavakit.model.lora import load_newline
+    from tests.conftest import assert_same_losses, logged_losses
+
+    common = dict(version="v1", data_path=anyres_data["instruct"], lora_enable=True, lora_r=8, lora_alpha=16,
+                  pretrain_mm_mlp_adapter=anyres_run["s1"] / "mm_projector.bin", max_steps=4,
+                  dataloader_num_workers=0, save_strategy="steps", save_steps=2)
+    out = tmp_path / "lora"
+    train_cli(anyres_flags(backbones, anyres_data, out, **common))
+    record = json.loads((out / "llavakit_base.json").read_text())
+    assert record["image_aspect_ratio"] == "anyres" and record["image_grid_pinpoints"] == PINPOINTS
+    newline = load_newline(str(out))
+    assert newline is not None and load_newline(str(out / "checkpoint-2")) is not None
+
+    merged = tmp_path / "merged"
+    assert main(["merge-lora", "--model-path", str(out), "--save-model-path", str(merged)]) == 0
+    processor = AutoProcessor.from_pretrained(merged)
+    prompt = processor.apply_chat_template([user_message("What colour is the circle?", 1)],
+                                           add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[open_image(f"{anyres_data['images']}/7.jpg")], return_tensors="pt")
+    from transformers import set_seed
+
+    set_seed(0)  # the run's seed: the base as the run built it, with its initial newline
+    base = assemble(backbones["llm"], backbones["clip"], image_aspect_ratio="anyres",
+                    image_grid_pinpoints=PINPOINTS).model.eval()
+    assert 1e-6 < float((base.model.image_newline - newline).abs().max()) < 0.1  # it trained
+    with torch.no_grad():
+        base.model.image_newline.copy_(newline)
+    unmerged = PeftModel.from_pretrained(base, str(out)).eval()
+    merged_model = LlavaNextForConditionalGeneration.from_pretrained(merged).eval()
+    assert torch.equal(merged_model.model.image_newline, newline)
+    with torch.no_grad():
+        assert (unmerged(**inputs).logits - merged_model(**inputs).logits).abs().max() < 1e-4
+
+    resumed = tmp_path / "resumed"
+    train_cli(anyres_flags(backbones, anyres_data, resumed, resume_from_checkpoint=out / "checkpoint-2", **common))
+    assert_same_losses(logged_losses(out), logged_losses(resumed), range(3, 5), 1e-5)
+    assert torch.equal(load_newline(str(resumed)), newline)

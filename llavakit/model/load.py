@@ -93,7 +93,7 @@ def merge_lora(adapter_dir: str, *, model_base: str | None = None, dtype: torch.
 
     from llavakit.data.templates import get_template
     from llavakit.model.build import assemble
-    from llavakit.model.lora import BASE_FILE, read_base_record
+    from llavakit.model.lora import BASE_FILE, load_newline, read_base_record
     from llavakit.model.processing import set_generation_stop
     from llavakit.model.projector import load_projector
 
@@ -109,8 +109,14 @@ def merge_lora(adapter_dir: str, *, model_base: str | None = None, dtype: torch.
                    select_layer=record.get("mm_vision_select_layer", -2),
                    select_feature=record.get("mm_vision_select_feature", "patch"), dtype=dtype,
                    mm_use_im_patch_token=record.get("mm_use_im_patch_token", False),
-                   mm_use_im_start_end=record.get("mm_use_im_start_end", False))
+                   mm_use_im_start_end=record.get("mm_use_im_start_end", False),
+                   image_aspect_ratio=record.get("image_aspect_ratio") or "square",
+                   image_grid_pinpoints=record.get("image_grid_pinpoints"))
     model = asm.model
+    newline = load_newline(adapter_dir)
+    if newline is not None:  # an AnyRes adapter's image_newline, saved beside it
+        with torch.no_grad():
+            model.model.image_newline.copy_(newline)
     adapter_holds_projector = _adapter_keys_match(adapter_dir, "multi_modal_projector")
     if not adapter_holds_projector and record.get("pretrain_mm_mlp_adapter"):
         load_projector(model.model.multi_modal_projector, record["pretrain_mm_mlp_adapter"])

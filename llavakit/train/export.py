@@ -51,7 +51,7 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
 
             processor.save_pretrained(out)
             keep_sentencepiece_model(tokenizer, out)
-            write_base_record(out, model_args)
+            write_base_record(out, model_args, data_args)
             return
         processor.save_pretrained(out)
         keep_sentencepiece_model(tokenizer, out)

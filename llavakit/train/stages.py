@@ -12,8 +12,8 @@
 
 The vision tower is frozen (LLaVA-1.5 never trains it) unless ``--unfreeze_mm_vision_tower`` trains it in
 full stage-2 training (LLaVA-NeXT's recipe). An AnyRes model's ``image_newline`` (the embedding that ends
-every row of tiles) trains with the language model, as the original's does; stage 1 leaves it as
-initialised.
+every row of tiles) trains with the language model, as the original's does, and beside the projector under
+LoRA (saved beside the adapter: ``model/lora.py``); stage 1 leaves it as initialised.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class Stage:
             projector.requires_grad_(not self.freeze_projector)
             if newline is not None:
                 newline.requires_grad_(not self.freeze_backbone)
+        elif newline is not None:  # lora: the newline is new weight, not the language model's: it trains beside
+            newline.requires_grad_(not self.freeze_projector)  # the projector (saved beside the adapter)
         # lora: peft has frozen the base and made the adapters and the projector copy (modules_to_save) trainable
         inner.vision_tower.requires_grad_(self.kind == "full" and self.train_tower)
         if self.kind == "full" and self.train_tower:

@@ -51,6 +51,17 @@ def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def _gathered(param):
+    """A ZeRO-3 partitioned parameter's whole value while inside; a no-op otherwise."""
+    if getattr(param, "ds_shape", None) is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
+
+
 class LlavaTrainer(TrainerSeam, Trainer):
     def __init__(self, *args, stage: Stage, **kwargs):
         super().__init__(*args, **kwargs)
@@ -203,6 +214,8 @@ class LlavaTrainer(TrainerSeam, Trainer):
         """A save's weights: stage 1 writes the projector alone (``mm_projector.bin`` + config); other stages
         leave it to the Trainer. Every save makes the generation config savable first (LLaVA #1144)."""
         make_savable(getattr(self.llava, "generation_config", None))
+        if self.stage.is_lora and getattr(self.llava.model, "image_newline", None) is not None:
+            self._save_newline(output_dir, state_dict)
         if not self.stage.projector_only_saves:
             return False
         if self.args.should_save:
@@ -216,9 +229,29 @@ class LlavaTrainer(TrainerSeam, Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         return True
 
+    def _save_newline(self, output_dir: str, state_dict=None) -> None:
+        """An AnyRes LoRA save: the image_newline beside the adapter (``model/lora.py``)."""
+        from llavakit.model.lora import save_newline
+
+        value = next((v for k, v in (state_dict or {}).items() if k.endswith("image_newline")), None)
+        if value is None:
+            param = self.llava.model.image_newline
+            with _gathered(param):
+                value = param.detach().clone()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            save_newline(output_dir, value)
+
     def resume_weights(self, checkpoint: str) -> bool:
         """A stage-1 checkpoint's projector, or a full checkpoint's weights (strictly); LoRA and DeepSpeed
-        checkpoints are the Trainer's."""
+        checkpoints are the Trainer's (an AnyRes LoRA checkpoint's image_newline is loaded here)."""
+        if self.stage.is_lora and not self.is_deepspeed_enabled:
+            from llavakit.model.lora import load_newline
+
+            value = load_newline(checkpoint)
+            if value is not None:
+                with torch.no_grad():
+                    self.llava.model.image_newline.copy_(value)
         has_weights = any(os.path.exists(os.path.join(checkpoint, f)) for f in WEIGHT_FILES)
         projector_file = os.path.join(checkpoint, PROJECTOR_BIN)
         if not has_weights and os.path.isfile(projector_file):
