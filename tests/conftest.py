@@ -339,8 +339,8 @@ def quick_demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """``lmsys/vicuna-7b-v1.5``, ``openai/clip-vit-large-patch14-336``, ``liuhaotian/llava-v1.5-7b``, a model
-    trained with the original code (tower inside, fp32 and bf16), the published stage-1 projector and
-    ``llava-hf/llava-1.5-7b-hf``, in their real layouts (small)."""
+    trained with the original code (tower inside, fp32 and bf16), the published stage-1 projector,
+    ``llava-hf/llava-1.5-7b-hf`` and ``liuhaotian/llava-v1.6-vicuna-7b``, in their real layouts (small)."""
     import torch
 
     from . import hub_repos as H
@@ -359,4 +359,5 @@ def hub(tmp_path_factory):
         "projector": H.projector(root / "liuhaotian" / "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"
                                  / "mm_projector.bin"),
         "llava_hf": H.llava_hf(root / "llava-hf" / "llava-1.5-7b-hf", vic, clip_repo),
+        "next_original": H.llava_next_original(root / "liuhaotian" / "llava-v1.6-vicuna-7b", vic, clip_repo),
     }

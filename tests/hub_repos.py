@@ -247,6 +247,27 @@ def llava_original(d: Path, vic: dict, clip_repo: dict | None = None, *, with_to
     return {"dir": str(d), "state": state, "config": cfg}
 
 
+#: what ``liuhaotian/llava-v1.6-vicuna-7b``'s config adds (its grid scaled to the small tower: 336 → 28)
+NEXT_FIELDS = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+               "image_grid_pinpoints": [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]],
+               "unfreeze_mm_vision_tower": True, "mm_vision_tower_lr": 2e-06, "image_crop_resolution": None,
+               "image_split_resolution": None, "tokenizer_model_max_length": 4096}
+
+
+def llava_next_original(d: Path, vic: dict, clip_repo: dict, dtype: torch.dtype = torch.float16) -> dict:
+    """``liuhaotian/llava-v1.6-vicuna-7b`` in small: LLaVA-1.5's layout with its trained tower inside, the
+    ``model.image_newline`` weight and the AnyRes config fields."""
+    out = llava_original(d, vic, clip_repo, with_tower=True, dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    state = dict(out["state"], **{"model.image_newline": (torch.randn(HIDDEN, generator=g) / HIDDEN ** 0.5).to(dtype)})
+    cfg = dict(out["config"], _name_or_path="./checkpoints/llava-v1.6-vicuna-7b", **NEXT_FIELDS)
+    for f in d.glob("model*.safetensors*"):
+        f.unlink()
+    write_safetensors_shards(d, state)
+    _write_json(d / "config.json", cfg)
+    return {"dir": str(d), "state": state, "config": cfg}
+
+
 #: the chat template of a llava-hf LLaVA-1.5 repository: USER/ASSISTANT turns, images first, no system text
 LLAVA_HF_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"

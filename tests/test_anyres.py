@@ -427,3 +427,54 @@ def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones
     train_cli(anyres_flags(backbones, anyres_data, resumed, resume_from_checkpoint=out / "checkpoint-2", **common))
     assert_same_losses(logged_losses(out), logged_losses(resumed), range(3, 5), 1e-5)
     assert torch.equal(load_newline(str(resumed)), newline)
+
+
+def test_convert_llava_v1_6_original_to_llava_next_and_back(hub, anyres_data, tmp_path):
+    """``liuhaotian/llava-v1.6-*`` (its trained tower inside, the image_newline, the AnyRes fields) → a
+    LlavaNext whose tensors are the original's, which AutoProcessor feeds with the ids and pixels its
+    training would use, and back to the original's layout, tensor for tensor."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llavakit.cli import main
+    from llavakit.data.images import open_image
+    from llavakit.infer.generate import Predictor
+    from llavakit.model.convert import read_weights
+    from tests.hub_repos import NEXT_FIELDS
+
+    original = hub["next_original"]
+    native = tmp_path / "next-hf"
+    assert main(["convert", "from-original", "--model-path", original["dir"], "--save-model-path",
+                 str(native), "--vision-tower", hub["clip"]["dir"]]) == 0
+    model = LlavaNextForConditionalGeneration.from_pretrained(native)
+    assert model.config.image_grid_pinpoints == NEXT_FIELDS["image_grid_pinpoints"]
+    own = model.state_dict()
+    assert torch.equal(own["model.image_newline"], original["state"]["model.image_newline"].float())
+    tower = "model.vision_tower.vision_tower.vision_model."
+    trained = {k[len(tower):]: v for k, v in original["state"].items() if k.startswith(tower)}
+    assert trained and all(torch.equal(own["model.vision_tower." + k], v.float()) for k, v in trained.items())
+
+    processor = AutoProcessor.from_pretrained(native)
+    assert type(processor).__name__ == "LlavaNextProcessor"
+    pred = Predictor(model, processor, device="cpu")
+    images = [open_image(f"{anyres_data['images']}/{i}.jpg") for i in (2, 9)]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                             {"type": "image"}]}]
+    ours = pred._inputs([pred.render(messages)], images)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    plain = processor(text=[text], images=images, return_tensors="pt")
+    assert ours["input_ids"][0].tolist() == plain["input_ids"][0].tolist()
+    with torch.no_grad():
+        a = model(**{k: v for k, v in ours.items()}).logits
+        b = model(**plain).logits
+    assert (a - b).abs().max() < 1e-5
+
+    back = tmp_path / "next-original"
+    assert main(["convert", "to-original", "--model-path", str(native), "--save-model-path", str(back)]) == 0
+    cfg = json.loads((back / "config.json").read_text())
+    assert (cfg["mm_patch_merge_type"], cfg["image_aspect_ratio"]) == ("spatial_unpad", "anyres")
+    assert cfg["image_grid_pinpoints"] == NEXT_FIELDS["image_grid_pinpoints"]
+    again = read_weights(str(back))
+    for k, v in original["state"].items():
+        if not k.startswith("model.vision_tower."):
+            assert torch.equal(again[k][:v.shape[0]] if k.endswith(("embed_tokens.weight", "lm_head.weight"))
+                               else again[k], v), k

@@ -1,4 +1,6 @@
-"""Conversion between the original LLaVA checkpoint layout and transformers' native Llava.
+"""Conversion between the original LLaVA checkpoint layout and transformers' native Llava (LLaVA-1.5) or
+LlavaNext (LLaVA-NeXT: ``liuhaotian/llava-v1.6-*``, ``mm_patch_merge_type: spatial_unpad``,
+``image_aspect_ratio: anyres``, ``image_grid_pinpoints``, the ``model.image_newline`` weight).
 
 Original layout (``liuhaotian/llava-v1.5-*``): a ``config.json`` of the language model plus ``mm_*`` fields
 (``architectures: [LlavaLlamaForCausalLM]``, ``model_type: llava_llama``), weights named as the language
@@ -45,6 +47,7 @@ ORIGINAL_EXTRA_FIELDS = {"image_aspect_ratio", "image_grid_pinpoints", "tune_mm_
                          "architectures", "model_type", "_name_or_path", "transformers_version"}
 ORIGINAL_PROJECTOR = "model.mm_projector."
 ORIGINAL_VISION = "model.vision_tower.vision_tower."
+ORIGINAL_NEWLINE = NATIVE_NEWLINE = "model.image_newline"  # LLaVA-NeXT: the same name in both layouts
 NATIVE_LM = "model.language_model."
 NATIVE_PROJECTOR = "model.multi_modal_projector."
 NATIVE_VISION = "model.vision_tower."
@@ -114,7 +117,7 @@ def write_weights(state: dict[str, torch.Tensor], directory: str, max_shard_size
 def from_original(model_path: str, save_path: str, *, vision_tower: str | None = None,
                   conv_mode: str = "vicuna_v1") -> str:
     """Write the native conversion of an original-format checkpoint to ``save_path``."""
-    from transformers import CONFIG_MAPPING, GenerationConfig, LlavaConfig
+    from transformers import CONFIG_MAPPING, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     from llavakit.data.templates import get_template
@@ -122,8 +125,10 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     from llavakit.model.build import (
         _quiet_loading,
         _vision_config,
+        anyres_for,
         has_cls_token,
         load_image_processor,
+        native_classes,
         num_image_tokens_for,
         prepare_tokenizer,
     )
@@ -155,9 +160,12 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(f"{model_path}: mm_projector_type {cfg['mm_projector_type']!r}; only mlp2x_gelu "
                               "(LLaVA-1.5) maps onto transformers' Llava projector")
-    if cfg.get("mm_patch_merge_type", "flat") != "flat":
-        raise ConversionError(f"{model_path}: mm_patch_merge_type {cfg['mm_patch_merge_type']!r} (LLaVA-NeXT "
-                              "AnyRes) is not a LLaVA-1.5 checkpoint")
+    merge, aspect = cfg.get("mm_patch_merge_type") or "flat", cfg.get("image_aspect_ratio") or "square"
+    next_model = merge == "spatial_unpad" and aspect == "anyres"  # LLaVA-NeXT (llava-v1.6-*)
+    if not next_model and (merge != "flat" or aspect.startswith("anyres")):
+        raise ConversionError(f"{model_path}: mm_patch_merge_type {merge!r} with image_aspect_ratio {aspect!r}; "
+                              "transformers has LLaVA-1.5 (flat, square or pad) and LLaVA-NeXT (spatial_unpad, "
+                              "anyres)")
     tower = vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower")
     if not tower:
         raise ConversionError(f"{model_path}: config.json names no mm_vision_tower; give --vision-tower")
@@ -189,6 +197,8 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
             state[f"{NATIVE_PROJECTOR}{PROJECTOR_LAYERS[layer]}.{param}"] = v
         elif k.startswith(ORIGINAL_VISION):
             own_vision[k[len(ORIGINAL_VISION):]] = v
+        elif k == ORIGINAL_NEWLINE and next_model:
+            state[NATIVE_NEWLINE] = v
         elif k.startswith("lm_head."):
             state[k] = v
         elif k.startswith("model."):
@@ -231,12 +241,20 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     text_config.pad_token_id = tokenizer.pad_token_id
 
     n_tokens = num_image_tokens_for(vcfg, strategy)
-    config = LlavaConfig(text_config=text_config, vision_config=vision.config,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), image_seq_length=n_tokens,
-                         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
-                         multimodal_projector_bias=True, tie_word_embeddings=tied)
-    config.architectures = ["LlavaForConditionalGeneration"]
+    anyres = None
+    if next_model:
+        if NATIVE_NEWLINE not in state:
+            raise ConversionError(f"{model_path}: a LLaVA-NeXT config (spatial_unpad) but no {ORIGINAL_NEWLINE}")
+        anyres = anyres_for("anyres", cfg.get("image_grid_pinpoints"), vcfg, load_image_processor(tower), strategy,
+                            model_path)
+    model_cls, config_cls, _ = native_classes(anyres is not None)
+    extra = {"image_grid_pinpoints": [list(p) for p in anyres.pinpoints]} if anyres else {}
+    config = config_cls(text_config=text_config, vision_config=vision.config,
+                        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), image_seq_length=n_tokens,
+                        vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+                        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                        multimodal_projector_bias=True, tie_word_embeddings=tied, **extra)
+    config.architectures = [model_cls.__name__]
     config.pad_token_id = tokenizer.pad_token_id
     config.dtype = dtype
     os.makedirs(save_path, exist_ok=True)
@@ -245,9 +263,8 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
 
     template = get_template(conv_mode, tokenizer)
     tokenizer.chat_template = chat_template_for(template, tokenizer)
-    processor = build_processor(tokenizer, image_processor_for(load_image_processor(tower),
-                                                               cfg.get("image_aspect_ratio") or "square"),
-                                vcfg, strategy, tokenizer.chat_template)
+    processor = build_processor(tokenizer, image_processor_for(load_image_processor(tower), aspect, anyres),
+                                vcfg, strategy, tokenizer.chat_template, anyres=anyres is not None)
     processor.save_pretrained(save_path)
     keep_sentencepiece_model(tokenizer, save_path)
     gen_path = os.path.join(model_path, "generation_config.json")
@@ -266,12 +283,15 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     ``vision_tower`` names the public tower the model's tower equals (``mm_vision_tower``); without it the
     tower is saved to ``save_path/vision_tower`` and ``mm_vision_tower`` points there.
     """
-    from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, CLIPImageProcessor
+
+    from llavakit.model.build import anyres_of, native_classes
 
     cfg = read_config_dict(model_path)
     if checkpoint_kind(cfg) != "llava-hf":
         raise ConversionError(f"{model_path}: not a transformers-native LLaVA checkpoint")
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype="auto")
+    model = native_classes(cfg.get("model_type") == "llava_next")[0].from_pretrained(model_path, dtype="auto")
+    anyres = anyres_of(model.config)
     processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
     text_type = model.config.text_config.model_type
@@ -294,6 +314,8 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
         elif k == "lm_head.weight":
             if not model.config.tie_word_embeddings:
                 state[k] = v
+        elif k == NATIVE_NEWLINE:
+            state[ORIGINAL_NEWLINE] = v
         elif not k.startswith(NATIVE_VISION):
             raise ConversionError(f"{model_path}: unexpected weight {k}")
 
@@ -333,12 +355,15 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": layer,
         "mm_vision_select_feature": "patch" if strategy == "default" else "cls_patch",
         "mm_use_im_start_end": "<im_start>" in tokenizer.get_vocab(),
-        "mm_use_im_patch_token": "<im_patch>" in tokenizer.get_vocab(), "mm_patch_merge_type": "flat",
-        "image_aspect_ratio": "pad" if do_pad else "square", "tune_mm_mlp_adapter": False,
+        "mm_use_im_patch_token": "<im_patch>" in tokenizer.get_vocab(),
+        "mm_patch_merge_type": "spatial_unpad" if anyres else "flat",
+        "image_aspect_ratio": "anyres" if anyres else "pad" if do_pad else "square", "tune_mm_mlp_adapter": False,
         "freeze_mm_mlp_adapter": False, "use_mm_proj": True, "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": min(int(getattr(tokenizer, "model_max_length", 2048) or 2048),
                                           model.config.text_config.max_position_embeddings),
     }
+    if anyres:
+        out_cfg["image_grid_pinpoints"] = [list(p) for p in anyres.pinpoints]
     with open(os.path.join(save_path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(out_cfg, f, indent=2, sort_keys=True)
     from llavakit.model.generation_config import make_savable
