@@ -273,9 +273,6 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
             errors.append(f"--mm_patch_merge_type {m.mm_patch_merge_type!r} with --image_aspect_ratio "
                           f"{d.image_aspect_ratio}: use {merge}, the only one transformers' "
                           f"{'LlavaNext' if merge != 'flat' else 'Llava'} has")
-    if d.image_aspect_ratio == "anyres" and d.data_path and is_shard_source(d.data_path):
-        errors.append(f"--data_path {d.data_path}: AnyRes training from shards is not supported yet (the shards do "
-                      "not record their images' sizes); train from the records and --image_folder")
     if d.image_grid_pinpoints and d.image_aspect_ratio != "anyres":
         errors.append("--image_grid_pinpoints tiles images for --image_aspect_ratio anyres; add it, or drop the grid")
     if t.mm_vision_tower_lr is not None and not m.unfreeze_mm_vision_tower:

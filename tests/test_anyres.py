@@ -478,3 +478,45 @@ def test_convert_llava_v1_6_original_to_llava_next_and_back(hub, anyres_data, tm
         if not k.startswith("model.vision_tower."):
             assert torch.equal(again[k][:v.shape[0]] if k.endswith(("embed_tokens.weight", "lm_head.weight"))
                                else again[k], v), k
+
+
+def test_anyres_from_shards_uses_the_image_sizes_they_recorded(backbones, anyres_data, tmp_path):
+    """`data shard` records every image's size (and, with an AnyRes encoder, the true token lengths); training
+    from the shards with workers needs neither the image folder nor a length pass."""
+    import os
+
+    import numpy as np
+
+    from llavakit.config import RunConfig
+    from llavakit.train.entry import run
+
+    shards = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-m", "llavakit", "data", "shard", "--data_path", anyres_data["instruct"],
+                        "--image_folder", anyres_data["images"], "--output", str(shards), "--shard-size", "8KB",
+                        "--workers", "2", "--tokenizer", backbones["llm"], "--version", "v1",
+                        "--image_aspect_ratio", "anyres", "--image_grid_pinpoints", PINPOINTS,
+                        "--vision_tower", backbones["clip"], "--model_max_length", "2048"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = np.load(shards / "samples.npz")
+    sizes = [list(map(list, samples["image_hw"][a:b])) for a, b in zip(samples["image_start"][:-1],
+                                                                         samples["image_start"][1:])]
+    expected = []
+    for rec in anyres_data["records"]:
+        paths = rec.get("image") or []
+        expected.append([list(reversed(Image.open(f"{anyres_data['images']}/{p}").size))
+                         for p in (paths if isinstance(paths, list) else [paths])])
+    assert sizes == expected
+
+    cache = tmp_path / "cache"
+    os.environ["LLAVAKIT_CACHE"] = str(cache)
+    try:
+        flags = anyres_flags(backbones, anyres_data, tmp_path / "out", version="v1", data_path=shards, max_steps=3,
+                             shuffle_buffer=4)
+        flags[flags.index("--image_folder") + 1] = str(tmp_path / "nothing-here")
+        (tmp_path / "nothing-here").mkdir()
+        result = run(RunConfig.from_argv(flags))
+    finally:
+        del os.environ["LLAVAKIT_CACHE"]
+    assert not (cache / "lengths").exists()  # the lengths stored with the shards were used
+    assert result.summary["steps"] == 3 and result.summary["replaced_samples"] == 0

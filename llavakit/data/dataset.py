@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,17 +95,18 @@ def default_cache_dir() -> Path:
 
 def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
                    cache_dir: str | os.PathLike | None = None, progress: bool = False,
-                   image_folder: str | None = None) -> dict[str, np.ndarray]:
+                   image_folder: str | None = None,
+                   image_sizes: Callable[[int], list[tuple[int, int]]] | None = None) -> dict[str, np.ndarray]:
     """Encode every valid record once: full length, image-block end, first supervised position.
 
     ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established, 2 for
     records whose text is too long to tokenize, 3 for records with an image whose size cannot be read (AnyRes:
-    its token count follows its size, read from the file's header under ``image_folder``); their message is
-    in ``errors``. Cached under ``cache_dir`` keyed by the file, tokenizer and template (and, with AnyRes,
+    its token count follows its size: ``image_sizes(record index)`` where the sizes are known, as for shards,
+    else read from the file's header under ``image_folder``); their message is in ``errors``. Cached under ``cache_dir`` keyed by the file, tokenizer and template (and, with AnyRes,
     the image folder).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(store, encoder, image_folder)
+    key = _cache_key(store, encoder, image_folder if image_sizes is None else None)
     path = cache / "lengths" / f"{key}.npz"
     valid_arr = np.asarray(valid, dtype=np.int64)
     # a converted record directory may carry its lengths (``llavakit data convert --tokenizer``)
@@ -135,8 +136,10 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
         rec = parse_record(store, valid[k])
         has_image[k] = rec.has_image
         try:
-            sizes = [image_size(resolve_image(image_folder, p)) for p in rec.images] \
-                if encoder.anyres is not None else None
+            sizes = None
+            if encoder.anyres is not None:
+                sizes = image_sizes(valid[k]) if image_sizes is not None else \
+                    [image_size(resolve_image(image_folder, p)) for p in rec.images]
             enc = encoder.encode(rec, sizes)
         except ImageLoadError as e:
             status[k] = 3
@@ -167,9 +170,10 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
 
 def build_sample_index(store: RecordStore, valid: list[int], encoder: ConversationEncoder,
                        model_max_length: int | None, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = False, image_folder: str | None = None) -> SampleIndex:
+                       progress: bool = False, image_folder: str | None = None,
+                       image_sizes: Callable[[int], list[tuple[int, int]]] | None = None) -> SampleIndex:
     """Decide which records train and how long each is after truncation; report the rest."""
-    data = encode_lengths(store, valid, encoder, cache_dir, progress, image_folder)
+    data = encode_lengths(store, valid, encoder, cache_dir, progress, image_folder, image_sizes)
     errors = {int(line.split("\t", 1)[0]): line.split("\t", 1)[1] for line in data["errors"].tolist()}
     keep, lengths, skipped = [], [], []
     for k, ridx in enumerate(data["record_idx"].tolist()):

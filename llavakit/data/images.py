@@ -93,16 +93,16 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
 _TRANSPOSED = {5, 6, 7, 8}
 
 
-def image_size(source: str | os.PathLike) -> tuple[int, int]:
+def image_size(source: str | os.PathLike | IO[bytes], name: str | None = None) -> tuple[int, int]:
     """(height, width) of an image as :func:`open_image` returns it (EXIF orientation applied), read from the
-    header alone: no pixel is decoded."""
-    path = str(source)
-    if not os.path.exists(path):
+    header alone: no pixel is decoded. ``source``: a path or a binary file object (``name`` says what it is)."""
+    path = name or ("image" if hasattr(source, "read") else str(source))
+    if not hasattr(source, "read") and not os.path.exists(path):
         raise ImageLoadError(f"{path}: image file not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source if hasattr(source, "read") else path) as im:
                 w, h = im.size
                 orientation = im.getexif().get(0x0112, 1)
     except UnidentifiedImageError:

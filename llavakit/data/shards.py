@@ -7,7 +7,9 @@ A shard directory::
                          "content_id", "lengths": [...]} — written last: a directory without it is unfinished
     shard-000000.tar    WebDataset members per sample: <key>.json (the record), <key>.img0.<ext>, <key>.img1.<ext>,
                         ... (the image files' own bytes, not re-encoded); <key> is the sample's number, 9 digits
-    samples.npz         per sample: shard, offset and size of its members in the tar, crc32 of those bytes
+    samples.npz         per sample: shard, offset and size of its members in the tar, crc32 of those bytes;
+                        its images' (height, width) from their headers (``image_start``, ``image_hw``: AnyRes
+                        token counts without a shard read)
     records.bin, offsets.npy, meta.json, valid.npy, problems.jsonl
                         the written records as a converted record directory: training learns every sample's
                         token length (and skips what is too long) without reading a shard
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from llavakit.data.images import ImageLoadError, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,7 @@ def _write_shard(job: dict) -> dict:
     out = Path(job["dir"])
     final = out / job["name"]
     tmp = out / (job["name"] + ".tmp")
+    sizes: dict[int, list[list[int]]] = {}  # each sample's images' (height, width), from their headers
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0, user="llavakit", group="llavakit")
         for k, record, paths in job["samples"]:
@@ -118,7 +123,8 @@ def _write_shard(job: dict) -> dict:
                 try:
                     with open(p, "rb") as img:
                         sample[f"img{j}{ext}"] = img.read()
-                except OSError as e:
+                    sizes.setdefault(k, []).append(list(image_size(io.BytesIO(sample[f"img{j}{ext}"]), p)))
+                except (OSError, ImageLoadError) as e:
                     raise ShardError(f"sample {k}: image {p} cannot be read ({e}); it was readable when checked — "
                                      "re-run the command") from None
             writer.write(sample)
@@ -141,7 +147,8 @@ def _write_shard(job: dict) -> dict:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
         size = f.tell()
-    entry = {"name": job["name"], "samples": len(rows), "bytes": size, "sha256": digest.hexdigest(), "rows": rows}
+    entry = {"name": job["name"], "samples": len(rows), "bytes": size, "sha256": digest.hexdigest(), "rows": rows,
+             "image_sizes": {str(k): v for k, v in sizes.items()}}
     os.replace(tmp, final)
     (out / PARTIAL / (job["name"] + ".json")).write_text(json.dumps(entry))
     return entry
@@ -271,13 +278,18 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
 
     rows = sorted((r[0], s, r[1], r[2], r[3]) for s, job in enumerate(jobs) for r in entries[job["name"]]["rows"])
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+    per_sample = {int(k): v for e in entries.values() for k, v in e.get("image_sizes", {}).items()}
+    counts = np.asarray([len(per_sample.get(k, ())) for k in range(len(keep))], dtype=np.int64)
+    image_start = np.concatenate([[0], np.cumsum(counts)])
+    image_hw = np.asarray([hw for k in range(len(keep)) for hw in per_sample.get(k, ())], dtype=np.int32).reshape(-1, 2)
     np.savez(out / SAMPLES, shard=arr[:, 1].astype(np.int32), offset=arr[:, 2], size=arr[:, 3],
-             crc=arr[:, 4].astype(np.uint32))
+             crc=arr[:, 4].astype(np.uint32), image_start=image_start, image_hw=image_hw)
     lengths = []
     if encoder is not None:
         from llavakit.data.dataset import encode_lengths
 
-        encode_lengths(RecordStore.open(out), list(range(len(keep))), encoder, cache_dir=out, progress=progress)
+        encode_lengths(RecordStore.open(out), list(range(len(keep))), encoder, cache_dir=out, progress=progress,
+                       image_sizes=sample_image_sizes({"image_start": image_start, "image_hw": image_hw}))
         lengths = sorted(str(p.relative_to(out)) for p in (out / "lengths").glob("*.npz"))
     index = {"format": FORMAT, "version": 1, "samples": len(keep), "content_id": fingerprint,
              "shards": [{k: entries[j["name"]][k] for k in ("name", "samples", "bytes", "sha256")} for j in jobs],
@@ -294,6 +306,15 @@ def write_shards(data_path: str, image_folder: str | None, output: str, shard_by
 
 # --------------------------------------------------------------------------------------------------
 # Reading
+
+
+def sample_image_sizes(samples: dict, where: str = "the shards"):
+    """Sample k → its images' (height, width), as ``data shard`` recorded them in ``samples.npz``."""
+    if "image_hw" not in samples:
+        raise ShardError(f"{where}: samples.npz records no image sizes (written by an older llavakit); AnyRes "
+                         "needs them: run `llavakit data shard` again")
+    start, hw = samples["image_start"], samples["image_hw"]
+    return lambda k: [tuple(int(x) for x in row) for row in hw[start[k]:start[k + 1]]]
 
 
 def is_shard_source(data_path: str) -> bool:

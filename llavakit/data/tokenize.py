@@ -168,8 +168,9 @@ class PromptEncoder:
 
     def key(self) -> str:
         """What decides the image blocks (for caches of encoded lengths)."""
-        fixed = repr(self.image_block[:2] + [len(self.image_block)])
-        return fixed if self.anyres is None else f"{fixed} {self.anyres.describe()}"
+        if self.anyres is None:
+            return repr(self.image_block[:2] + [len(self.image_block)])
+        return f"{self.image_token_id} {self._marks} {self.anyres.describe()}"
 
     def tokenize_chunks(self, prompt: str, offsets: bool = False) -> tuple[list[str], list[int], dict]:
         """The text chunks between images, their character starts in ``prompt``, and their tokenization."""

@@ -133,9 +133,15 @@ def build_data(model_args, data_args, train_args, tokenizer, image_processor, nu
         store, valid, problems = load_records(data_args.data_path)
     for p in problems:
         logger.warning(p.message)
+    sizes = None
+    if anyres is not None and samples is not None:  # AnyRes from shards: the sizes `data shard` recorded
+        from llavakit.data.shards import sample_image_sizes
+
+        sizes = sample_image_sizes(samples, data_args.data_path)
     with train_args.main_process_first(desc="length index"):
         index = build_sample_index(store, valid, encoder, train_args.model_max_length,
-                                   progress=train_args.process_index == 0, image_folder=data_args.image_folder)
+                                   progress=train_args.process_index == 0, image_folder=data_args.image_folder,
+                                   image_sizes=sizes)
     if index.skipped:
         logger.warning("%d sample(s) skipped (listed in %s); first: %s", len(index.skipped),
                        os.path.join(train_args.output_dir, SKIPPED_REPORT), index.skipped[0]["message"])
