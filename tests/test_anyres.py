@@ -125,13 +125,13 @@ def anyres_run(backbones, anyres_data, tmp_path_factory):
     return {"s1": s1, "s2": s2}
 
 
-def training_samples(model_path, data) -> tuple[list[dict], object]:
+def training_samples(model_path, data, version: str = "v1") -> tuple[list[dict], object]:
     """The samples stage-2 training builds from ``data``'s instructions (through the dataset)."""
     from llavakit.config import RunConfig
     from llavakit.model.build import load_parts
     from llavakit.train.entry import build_data
 
-    cfg = RunConfig.from_options(model_name_or_path=str(model_path), image_folder=data["images"], version="v1",
+    cfg = RunConfig.from_options(model_name_or_path=str(model_path), image_folder=data["images"], version=version,
                                  image_aspect_ratio="anyres", data_path=data["instruct"], report_to="none",
                                  output_dir=str(model_path / "check"))
     parts = load_parts(str(model_path), None, image_aspect_ratio="anyres")
@@ -143,10 +143,6 @@ def training_samples(model_path, data) -> tuple[list[dict], object]:
 def test_anyres_model_trains_and_plain_transformers_builds_training_ids(anyres_run, anyres_data):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from llavakit.data.images import open_image
-    from llavakit.data.records import Turn
-    from llavakit.data.templates import place_images
-
     out = anyres_run["s2"]
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
@@ -154,7 +150,17 @@ def test_anyres_model_trains_and_plain_transformers_builds_training_ids(anyres_r
     assert type(processor).__name__ == "LlavaNextProcessor"
     assert model.config.image_grid_pinpoints == json.loads(PINPOINTS)
 
-    samples, collator = training_samples(out, anyres_data)
+    assert processor_builds_training_inputs(out, anyres_data, model, processor) >= 2
+
+
+def processor_builds_training_inputs(out, anyres_data, model, processor, version: str = "v1") -> int:
+    """For every training sample: AutoProcessor's ids and pixels for the same conversation and images are
+    training's, and the model takes them. Returns how many samples had two images."""
+    from llavakit.data.images import open_image
+    from llavakit.data.records import Turn
+    from llavakit.data.templates import place_images
+
+    samples, collator = training_samples(out, anyres_data, version)
     seen_two = 0
     for s in samples:
         rec = s["record"]
@@ -179,7 +185,7 @@ def test_anyres_model_trains_and_plain_transformers_builds_training_ids(anyres_r
         # the model takes the processor's inputs (every image token gets a feature)
         with torch.no_grad():
             assert model(**enc).logits.shape[1] == len(s["input_ids"])
-    assert seen_two >= 2
+    return seen_two
 
 
 def test_image_newline_trains_in_stage_2_only(anyres_run, backbones):
@@ -520,3 +526,33 @@ def test_anyres_from_shards_uses_the_image_sizes_they_recorded(backbones, anyres
         del os.environ["LLAVAKIT_CACHE"]
     assert not (cache / "lengths").exists()  # the lengths stored with the shards were used
     assert result.summary["steps"] == 3 and result.summary["replaced_samples"] == 0
+
+
+def test_qwen2_and_siglip_anyres(tokenizer_dir, anyres_data, tmp_path):
+    """A Qwen2 language model and a CLS-free SigLIP tower (every patch kept) train AnyRes from the CLI, and
+    AutoProcessor builds the training ids and pixels for the result (qwen2 template)."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    SiglipVisionModel(SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "sig")
+    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "sig")
+    out = tmp_path / "out"
+    train_cli(anyres_flags({"llm": str(tmp_path / "qwen"), "clip": str(tmp_path / "sig")}, anyres_data, out,
+                           version="qwen2", data_path=anyres_data["instruct"], max_steps=2))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.vision_feature_select_strategy == "full"
+    assert processor_builds_training_inputs(out, anyres_data, model, AutoProcessor.from_pretrained(out),
+                                            "qwen2") >= 2

@@ -200,3 +200,20 @@ def test_qwen2_language_model_and_siglip_tower(tokenizer_dir, tmp_path):
     out = a.model(input_ids=ids, pixel_values=torch.zeros(1, 3, 28, 28), labels=ids)
     out.loss.backward()
     assert a.model.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_pad_processor_of_a_tower_without_centre_crop_sees_images_as_training():
+    """A SigLIP-style image processor (a fixed height and width, no crop): the `pad` processor saved with the
+    model gives training's pixels, not the Llava processor's default 224-px crop."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from llavakit.data.images import ImageTransform
+    from llavakit.model.processing import image_processor_for
+
+    ip = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 47, 3), dtype=np.uint8))
+    ours = ImageTransform.from_processor(ip, "pad")(im)
+    theirs = image_processor_for(ip, "pad")(im, return_tensors="np")["pixel_values"][0]
+    assert theirs.shape == ours.shape == (3, 28, 28) and np.array_equal(theirs, ours)

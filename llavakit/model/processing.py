@@ -25,6 +25,13 @@ def image_processor_for(image_processor, aspect_ratio: str, anyres=None):
     cfg = {k: v for k, v in image_processor.to_dict().items()
            if k not in ("image_processor_type", "processor_class", "_processor_class")}
     cfg["do_pad"] = True
+    # a tower processor without a centre crop (SigLIP's: a fixed height and width) has none here either — the
+    # Llava processors' own defaults (a 224-px crop) must not fill the gap; its side is AnyRes's tile
+    cfg["do_center_crop"] = bool(cfg.get("do_center_crop")) and bool(cfg.get("crop_size"))
+    if not cfg["do_center_crop"]:
+        size = cfg.get("size") or {}
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        cfg["crop_size"] = {"height": side, "width": size.get("width", side) if isinstance(size, dict) else side}
     if aspect_ratio == "anyres":
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
