@@ -386,9 +386,10 @@ def test_unfrozen_vision_tower_trains_at_its_own_rate(backbones, anyres_data, tm
     assert not any(k.startswith(f"encoder.layers.{layers - 1}.") or k.startswith("post_layernorm") for k in changed)
 
 
-def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones, anyres_data, anyres_run, tmp_path):
-    """LoRA on an AnyRes model: the image_newline trains beside the projector and is saved next to the
-    adapter; merge-lora gives the logits of the unmerged model; a resume gives the uninterrupted losses."""
+def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones, anyres_data, stage1, tmp_path):
+    """LoRA on an AnyRes model, from LLaVA-1.5's stage-1 projector (as LLaVA-NeXT's recipe starts): the
+    image_newline trains beside the projector and is saved next to the adapter; merge-lora gives the logits
+    of the unmerged model; a resume gives the uninterrupted losses."""
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -400,7 +401,7 @@ def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones
     from tests.conftest import assert_same_losses, logged_losses
 
     common = dict(version="v1", data_path=anyres_data["instruct"], lora_enable=True, lora_r=8, lora_alpha=16,
-                  pretrain_mm_mlp_adapter=anyres_run["s1"] / "mm_projector.bin", max_steps=4,
+                  pretrain_mm_mlp_adapter=stage1["out"] / "mm_projector.bin", max_steps=4,
                   dataloader_num_workers=0, save_strategy="steps", save_steps=2)
     out = tmp_path / "lora"
     train_cli(anyres_flags(backbones, anyres_data, out, **common))
