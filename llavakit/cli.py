@@ -16,8 +16,9 @@ def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="image tokens per image (576 for CLIP ViT-L/14 at 336 px)")
     p.add_argument("--model_max_length", type=int, default=None)
     p.add_argument("--mm_use_im_start_end", action="store_true")
-    p.add_argument("--image_aspect_ratio", default="square", choices=("square", "pad", "anyres"),
-                   help="anyres: each image's token count follows its size (needs --vision_tower)")
+    p.add_argument("--image_aspect_ratio", default="square",
+                   help="square, pad, or anyres / anyres_max_N: each image's token count follows its size (needs "
+                        "--vision_tower)")
     p.add_argument("--image_grid_pinpoints", default=None, help="anyres: as for training")
     p.add_argument("--vision_tower", default=None, help="anyres: the vision tower (its tile and patch size)")
 
@@ -30,14 +31,14 @@ def _encoder(args):
     tok = load_tokenizer(args.tokenizer)
     prepare_tokenizer(tok, mm_use_im_start_end=args.mm_use_im_start_end)  # as training prepares it
     anyres = None
-    if args.image_aspect_ratio == "anyres":
+    if args.image_aspect_ratio.startswith("anyres"):
         from llavakit.model.build import ModelLoadError, anyres_for, load_image_processor, vision_config_of
 
         if not args.vision_tower:
             raise ModelLoadError("--image_aspect_ratio anyres: give --vision_tower (its tile and patch size decide "
                                  "each image's tokens)")
         vcfg = vision_config_of(args.vision_tower)
-        anyres = anyres_for("anyres", args.image_grid_pinpoints, vcfg, load_image_processor(args.vision_tower),
+        anyres = anyres_for(args.image_aspect_ratio, args.image_grid_pinpoints, vcfg, load_image_processor(args.vision_tower),
                             "default", f"--vision_tower {args.vision_tower}")
     return ConversationEncoder(tok, get_template(args.version, tok), args.num_image_tokens,
                                mm_use_im_start_end=args.mm_use_im_start_end,

@@ -262,18 +262,27 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
                       "mlp2x_gelu projector (Linear, GELU, Linear)")
     if m.mm_vision_select_feature not in ("patch", "cls_patch"):
         errors.append(f"--mm_vision_select_feature {m.mm_vision_select_feature!r}: use 'patch' or 'cls_patch'")
-    if d.image_aspect_ratio.startswith("anyres_max"):
-        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio}: LLaVA-OneVision's pooled AnyRes is not supported "
-                      "yet; use anyres (LLaVA-NeXT)")
-    elif d.image_aspect_ratio not in ("square", "pad", "anyres"):
-        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio!r}: use 'square', 'pad' or 'anyres'")
+    from llavakit.data.anyres import AnyResError, max_tiles_of
+
+    anyres = d.image_aspect_ratio.startswith("anyres")
+    if anyres:
+        try:
+            if max_tiles_of(d.image_aspect_ratio) is not None:
+                errors.append(f"--image_aspect_ratio {d.image_aspect_ratio}: LLaVA-OneVision models are not trained yet "
+                              "(transformers' LlavaOnevisionProcessor, which a saved model needs, requires torchvision "
+                              "for its video processor); use anyres (LLaVA-NeXT)")
+        except AnyResError as e:
+            errors.append(str(e))
+    if not anyres and d.image_aspect_ratio not in ("square", "pad"):
+        errors.append(f"--image_aspect_ratio {d.image_aspect_ratio!r}: use 'square', 'pad', 'anyres' (LLaVA-NeXT) or "
+                      "'anyres_max_N' (LLaVA-OneVision)")
     else:
-        merge = "spatial_unpad" if d.image_aspect_ratio == "anyres" else "flat"
+        merge = "spatial_unpad" if anyres else "flat"
         if m.mm_patch_merge_type not in (None, merge):
             errors.append(f"--mm_patch_merge_type {m.mm_patch_merge_type!r} with --image_aspect_ratio "
                           f"{d.image_aspect_ratio}: use {merge}, the only one transformers' "
                           f"{'LlavaNext' if merge != 'flat' else 'Llava'} has")
-    if d.image_grid_pinpoints and d.image_aspect_ratio != "anyres":
+    if d.image_grid_pinpoints and not anyres:
         errors.append("--image_grid_pinpoints tiles images for --image_aspect_ratio anyres; add it, or drop the grid")
     if t.mm_vision_tower_lr is not None and not m.unfreeze_mm_vision_tower:
         errors.append("--mm_vision_tower_lr is the rate of a vision tower that trains: add --unfreeze_mm_vision_tower True")

@@ -61,6 +61,35 @@ def test_views_and_token_counts_are_transformers(tile, patch, pinpoints):
         assert geometry.num_tokens(h, w) == expected, (h, w)
 
 
+@pytest.mark.parametrize("tile,patch,max_tiles", [(28, 14, 1), (28, 7, 2), (30, 10, 9)])
+def test_onevision_views_and_token_counts_are_transformers(tile, patch, max_tiles):
+    """anyres_max_N (LLaVA-OneVision): pooled token counts for an image alone in its sample, one padded view
+    and one newline for each image of a multi-image sample — as transformers' OneVision processors."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    pins = parse_grid_pinpoints("(1x1),...,(3x3)", tile)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, do_center_crop=False,
+                                         crop_size={"height": tile, "width": tile},
+                                         image_grid_pinpoints=[list(p) for p in pins])
+    geometry = AnyRes(pins, tile, patch, max_tiles=max_tiles)
+    proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # the counting needs no tokenizer
+    proc.image_processor, proc.num_image_tokens = ip, geometry.tile_tokens
+    proc.vision_aspect_ratio, proc.vision_feature_select_strategy = geometry.aspect_ratio, "full"
+    transform = ImageTransform.from_processor(ip.to_dict(), "anyres", geometry)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        h, w = int(rng.integers(4, 240)), int(rng.integers(4, 240))
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert np.array_equal(transform.normalize(transform.views(im)), ip(im, return_tensors="np")["pixel_values"][0])
+        two = ip([[im, im]], return_tensors="np")["pixel_values"][0][:1]  # each image of two: one padded view
+        assert np.array_equal(transform.normalize(transform.views(im, 2)), two), (h, w)
+        assert geometry.num_tokens(h, w) == proc._get_number_of_features(h, w, tile, tile), (h, w)
+        assert geometry.num_tokens(h, w, 2) == geometry.tile_tokens + 1
+
+
 def test_grid_pinpoints_spellings_and_errors():
     assert parse_grid_pinpoints("[[336, 672], [672, 336]]", 336) == ((336, 672), (672, 336))
     assert parse_grid_pinpoints([[28, 56]], 28) == ((28, 56),)

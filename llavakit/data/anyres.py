@@ -1,13 +1,14 @@
-"""AnyRes (LLaVA-NeXT's ``--image_aspect_ratio anyres``): an image becomes a base view (the whole image
-resized to the tower's input) plus a grid of tiles cut from it at a resolution chosen from
-``--image_grid_pinpoints``; its features are unpadded and end every row with a newline embedding.
+"""AnyRes (LLaVA-NeXT's ``--image_aspect_ratio anyres``, LLaVA-OneVision's ``anyres_max_N``): an image
+becomes a base view (the whole image resized to the tower's input) plus a grid of tiles cut from it at a
+resolution chosen from ``--image_grid_pinpoints``; its features are unpadded (OneVision: and pooled when
+there are too many) and end every row with a newline embedding.
 
 Two things follow from an image's size alone, before any pixel is decoded: how many tiles it gives, and how
-many image tokens it becomes — computed as transformers' ``LlavaNextProcessor`` and
-``LlavaNextImageProcessor`` compute them (tests compare both), so that training ids equal the ids a saved
-model's ``AutoProcessor`` builds. :meth:`AnyRes.views` cuts the tiles as uint8, byte-equal to
-``LlavaNextImageProcessorPil`` before its rescale and normalise (which :class:`ImageTransform.normalize`
-does on the device, as for LLaVA-1.5).
+many image tokens it becomes — computed as transformers' ``LlavaNextProcessor`` / ``LlavaOnevisionProcessor``
+and their image processors compute them (tests compare), so that training ids equal the ids a saved model's
+``AutoProcessor`` builds. :meth:`AnyRes.views` cuts the tiles as uint8, byte-equal to the image processors'
+before their rescale and normalise (which :class:`ImageTransform.normalize` does on the device, as for
+LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1
 
 class AnyResError(ValueError):
     """``--image_grid_pinpoints`` or an AnyRes setting cannot be used."""
+
+
+def max_tiles_of(aspect_ratio: str) -> int | None:
+    """``anyres_max_9`` → 9; ``anyres`` → None (LLaVA-NeXT: no pooling)."""
+    if aspect_ratio == "anyres":
+        return None
+    tail = aspect_ratio[len("anyres_max_"):] if aspect_ratio.startswith("anyres_max_") else ""
+    if not tail.isdigit() or int(tail) < 1:
+        raise AnyResError(f"--image_aspect_ratio {aspect_ratio!r}: use anyres or anyres_max_N (N tiles, e.g. 9)")
+    return int(tail)
 
 
 def parse_grid_pinpoints(value, tile: int) -> tuple[tuple[int, int], ...]:
@@ -87,12 +98,18 @@ def fitted_size(height: int, width: int, target_h: int, target_w: int) -> tuple[
 
 @dataclass(frozen=True)
 class AnyRes:
-    """AnyRes geometry for one vision tower: ``tile`` is its input side, ``patch`` its patch side."""
+    """AnyRes geometry for one vision tower: ``tile`` is its input side, ``patch`` its patch side.
+
+    ``max_tiles`` (LLaVA-OneVision's ``anyres_max_N``): the unpadded tile features are pooled down to about N
+    tiles' worth when they hold more than 1.1² times that, and an image of a sample with several images is a
+    single view, padded to a square, plus one newline.
+    """
 
     pinpoints: tuple[tuple[int, int], ...]
     tile: int
     patch: int
     newline: bool = True
+    max_tiles: int | None = None
 
     @property
     def tile_tokens(self) -> int:
@@ -103,14 +120,23 @@ class AnyRes:
         h, w = best_resolution(height, width, self.pinpoints)
         return h // self.tile, w // self.tile
 
-    def num_views(self, height: int, width: int) -> int:
-        """The base view and the tiles."""
+    def single_view(self, n_images: int) -> bool:
+        """Whether each of a sample's ``n_images`` images is one padded view (OneVision, several images)."""
+        return self.max_tiles is not None and n_images > 1
+
+    def num_views(self, height: int, width: int, n_images: int = 1) -> int:
+        """The base view and the tiles (one view: see :meth:`single_view`)."""
+        if self.single_view(n_images):
+            return 1
         rows, cols = self.grid(height, width)
         return 1 + rows * cols
 
-    def num_tokens(self, height: int, width: int) -> int:
+    def num_tokens(self, height: int, width: int, n_images: int = 1) -> int:
         """Image tokens for an image of this size: the base view's patches, then the tiles' patch grid with
-        the padding rows or columns (that the aspect-ratio fit added) removed, and a newline per row."""
+        the padding rows or columns (that the aspect-ratio fit added) removed (and, with ``max_tiles``,
+        pooled), and a newline per row. ``n_images``: how many images the sample holds."""
+        if self.single_view(n_images):
+            return self.tile_tokens + 1
         rows, cols = self.grid(height, width)
         side = self.tile // self.patch
         cur_h, cur_w = side * rows, side * cols
@@ -120,11 +146,16 @@ class AnyRes:
         else:
             new_w = int(round(width * (cur_h / height), 7))
             cur_w -= (cur_w - new_w) // 2 * 2
+        if self.max_tiles is not None:
+            ratio = math.sqrt(cur_h * cur_w / (self.max_tiles * side ** 2))
+            if ratio > 1.1:
+                cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
         return self.tile_tokens + cur_h * cur_w + (cur_h if self.newline else 0)
 
     def views(self, im: Image.Image, base_hw: tuple[int, int], resample: int) -> list[Image.Image]:
         """The base view (``im`` resized to ``base_hw``) and the tiles, left to right, top to bottom, of
-        ``im`` fitted into its best resolution and centred on black."""
+        ``im`` fitted into its best resolution and centred on black (the views an image alone in its sample
+        gets; :meth:`single_view` images are the tower's padded square)."""
         width, height = im.size
         th, tw = best_resolution(height, width, self.pinpoints)
         nh, nw = fitted_size(height, width, th, tw)
@@ -135,7 +166,12 @@ class AnyRes:
         t = self.tile
         return [base] + [canvas.crop((x, y, x + t, y + t)) for y in range(0, th, t) for x in range(0, tw, t)]
 
+    @property
+    def aspect_ratio(self) -> str:
+        """The original's ``image_aspect_ratio`` for this geometry: ``anyres`` or ``anyres_max_N``."""
+        return "anyres" if self.max_tiles is None else f"anyres_max_{self.max_tiles}"
+
     def describe(self) -> str:
-        return f"anyres tile {self.tile} patch {self.patch} pinpoints {list(map(list, self.pinpoints))}" + \
-            ("" if self.newline else " no-newline")
+        return f"{self.aspect_ratio} tile {self.tile} patch {self.patch} pinpoints " \
+            f"{list(map(list, self.pinpoints))}" + ("" if self.newline else " no-newline")
 

@@ -61,6 +61,9 @@ class LlavaCollator:
             sizes = [f["image_sizes"] for f in features if f.get("image_sizes") is not None]
             if sizes:  # AnyRes: the views of all images in one batch for the tower, and each image's size
                 batch["image_sizes"] = torch.cat(sizes, dim=0)
+                if self.transform is not None and self.transform.anyres.max_tiles is not None:
+                    # OneVision: a sample's images are tiled only when it holds one
+                    batch["batch_num_images"] = torch.tensor([len(s) for s in sizes], dtype=torch.long)
         return batch
 
     def _canvas(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -251,7 +251,8 @@ class LlavaDataset(Dataset):
         sample = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                   "labels": torch.tensor(enc.labels, dtype=torch.long), "images": None, "id": rec.id}
         if decoded:  # every view of every image, in order: (views, 3, H, W) uint8
-            sample["images"] = torch.from_numpy(np.concatenate([self.transform.views(im) for im in decoded]))
+            sample["images"] = torch.from_numpy(np.concatenate([self.transform.views(im, len(decoded))
+                                                                for im in decoded]))
             if self.transform.anyres is not None:
                 sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
         return sample

@@ -228,17 +228,20 @@ class ImageTransform:
         new_short, new_long = s, int(s * long / short)
         return (new_long, new_short) if w <= h else (new_short, new_long)
 
-    def views(self, im: Image.Image) -> np.ndarray:
-        """What the vision tower sees of one image, as uint8 ``(V, 3, H, W)``: one view (LLaVA-1.5), or
-        AnyRes's base view and tiles (each then resized and cropped as the processor does its views)."""
+    def views(self, im: Image.Image, n_images: int = 1) -> np.ndarray:
+        """What the vision tower sees of one image of a sample with ``n_images``, as uint8 ``(V, 3, H, W)``: one
+        view (LLaVA-1.5), or AnyRes's base view and tiles (each then resized and cropped as the processor does
+        its views) — or, for OneVision's images of a multi-image sample, one view padded to a square."""
         if self.anyres is None:
             return self.to_uint8(im)[None]
+        if self.anyres.single_view(n_images):
+            return self.to_uint8(expand2square(im, self.background))[None]
         base_hw = self.size_hw or (self.shortest_edge, self.shortest_edge)
         return np.stack([self.to_uint8(v) for v in self.anyres.views(im, base_hw, self.resample)])
 
-    def num_views(self, size_hw: tuple[int, int]) -> int:
-        """Views of an image of this (height, width): 1, or AnyRes's base view and tiles."""
-        return 1 if self.anyres is None else self.anyres.num_views(*size_hw)
+    def num_views(self, size_hw: tuple[int, int], n_images: int = 1) -> int:
+        """Views of an image of this (height, width) in a sample with ``n_images``: 1, or AnyRes's."""
+        return 1 if self.anyres is None else self.anyres.num_views(*size_hw, n_images)
 
     def to_uint8(self, im: Image.Image) -> np.ndarray:
         """Pad/resize/crop an RGB PIL image; return ``(3, H, W)`` uint8."""

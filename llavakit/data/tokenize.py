@@ -164,7 +164,7 @@ class PromptEncoder:
         if image_sizes is None or len(image_sizes) != n_images:
             raise ValueError(f"AnyRes needs the size of each of the {n_images} images "
                              f"(got {'none' if image_sizes is None else len(image_sizes)})")
-        return [self.block(self.anyres.num_tokens(int(h), int(w))) for h, w in image_sizes]
+        return [self.block(self.anyres.num_tokens(int(h), int(w), n_images)) for h, w in image_sizes]
 
     def key(self) -> str:
         """What decides the image blocks (for caches of encoded lengths)."""

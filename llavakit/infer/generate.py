@@ -128,9 +128,17 @@ class Predictor:
             mask[i, width - len(r):] = 1
         inputs = {"input_ids": ids, "attention_mask": mask}
         if images:
-            processed = self.processor.image_processor(images=images, return_tensors="pt")
+            anyres = self.encoder.anyres
+            if anyres is not None and anyres.max_tiles is not None:  # OneVision: images grouped by prompt
+                counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
+                starts = [sum(counts[:i]) for i in range(len(counts))]
+                grouped = [list(images[s:s + n]) for s, n in zip(starts, counts) if n]
+                processed = self.processor.image_processor(images=grouped, return_tensors="pt")
+                inputs["batch_num_images"] = processed["batch_num_images"]
+            else:
+                processed = self.processor.image_processor(images=images, return_tensors="pt")
             inputs["pixel_values"] = processed["pixel_values"].to(self.model.dtype)
-            if self.encoder.anyres is not None:
+            if anyres is not None:
                 inputs["image_sizes"] = processed["image_sizes"]
         return {k: v.to(self.device) for k, v in inputs.items()}
 

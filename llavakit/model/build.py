@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from llavakit import IMAGE_PLACEHOLDER
-from llavakit.data.anyres import AnyRes, AnyResError, parse_grid_pinpoints
+from llavakit.data.anyres import AnyRes, AnyResError, max_tiles_of, parse_grid_pinpoints
 from llavakit.data.tokenize import looks_local
 from llavakit.internals import name_attention_kernel
 from llavakit.model.tensors import grow_rows
@@ -71,8 +71,8 @@ def read_config_dict(name_or_path: str, cache_dir: str | None = None) -> dict:
     return cfg
 
 
-#: transformers-native LLaVA model types: LLaVA-1.5, LLaVA-NeXT (AnyRes)
-NATIVE_MODEL_TYPES = ("llava", "llava_next")
+#: transformers-native LLaVA model types: LLaVA-1.5, LLaVA-NeXT (AnyRes), LLaVA-OneVision (anyres_max_N)
+NATIVE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 def checkpoint_kind(cfg: dict) -> str:
@@ -175,12 +175,20 @@ class Parts:
 
 
 def anyres_of(config) -> AnyRes | None:
-    """The AnyRes geometry of a native model's config (``LlavaNextConfig``), None for LLaVA-1.5."""
+    """The AnyRes geometry of a native model's config (``LlavaNextConfig``, ``LlavaOnevisionConfig``), None
+    for LLaVA-1.5."""
     pinpoints = getattr(config, "image_grid_pinpoints", None)
-    if getattr(config, "model_type", None) != "llava_next" or not pinpoints:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ("llava_next", "llava_onevision") or not pinpoints:
         return None
     v = config.vision_config
-    return AnyRes(tuple((int(h), int(w)) for h, w in pinpoints), v.image_size, v.patch_size)
+    max_tiles = max_tiles_of(config.vision_aspect_ratio) if model_type == "llava_onevision" else None
+    return AnyRes(tuple((int(h), int(w)) for h, w in pinpoints), v.image_size, v.patch_size, max_tiles=max_tiles)
+
+
+def model_type_for(anyres: AnyRes | None) -> str:
+    """The native model type a geometry needs: llava (none), llava_next (anyres), llava_onevision (anyres_max)."""
+    return "llava" if anyres is None else "llava_next" if anyres.max_tiles is None else "llava_onevision"
 
 
 def _tower_side(image_processor, vision_config) -> int:
@@ -195,7 +203,7 @@ def _tower_side(image_processor, vision_config) -> int:
 def anyres_for(image_aspect_ratio: str, image_grid_pinpoints, vision_config, image_processor, strategy: str,
                where: str) -> AnyRes | None:
     """AnyRes geometry from the original's flags for a new model (LM + tower), or None."""
-    if image_aspect_ratio != "anyres":
+    if not image_aspect_ratio.startswith("anyres"):
         return None
     side = _tower_side(image_processor, vision_config)
     if side != vision_config.image_size:
@@ -206,9 +214,10 @@ def anyres_for(image_aspect_ratio: str, image_grid_pinpoints, vision_config, ima
                              "--mm_vision_select_feature patch (CLS dropped)")
     try:
         pinpoints = parse_grid_pinpoints(image_grid_pinpoints, side)
+        max_tiles = max_tiles_of(image_aspect_ratio)
     except AnyResError as e:
         raise ModelLoadError(str(e)) from None
-    return AnyRes(pinpoints, side, vision_config.patch_size)
+    return AnyRes(pinpoints, side, vision_config.patch_size, max_tiles=max_tiles)
 
 
 def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,
@@ -254,10 +263,11 @@ def load_parts(model_name_or_path: str, vision_tower: str | None, *, select_laye
     image_processor = load_image_processor(processor_src, cache_dir)
     if kind == "llava-hf":
         anyres = anyres_of(lcfg)
-        if (anyres is not None) != (image_aspect_ratio == "anyres"):
+        if (anyres.aspect_ratio if anyres else "square") != (image_aspect_ratio if image_aspect_ratio.startswith(
+                "anyres") else "square"):
             raise ModelLoadError(
-                f"{model_name_or_path} is a {'LLaVA-NeXT (AnyRes)' if anyres else 'LLaVA-1.5'} model: continue it "
-                f"with --image_aspect_ratio {'anyres' if anyres else 'pad or square'}"
+                f"{model_name_or_path} is a {model_type_for(anyres)} model: continue it with --image_aspect_ratio "
+                f"{anyres.aspect_ratio if anyres else 'pad or square'}"
                 + ("" if anyres else "; to train AnyRes from it, start from its language model and vision tower "
                                      "and its projector (--pretrain_mm_mlp_adapter)"))
     else:
@@ -302,7 +312,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         register()
     tokenizer = parts.tokenizer
     qkw = {"quantization_config": quantization, "device_map": device_map} if quantization is not None else {}
-    model_cls, config_cls, projector_cls = native_classes(parts.anyres is not None)
+    model_cls, config_cls, projector_cls = native_classes(model_type_for(parts.anyres))
     if parts.kind == "llava-hf":
         model = model_cls.from_pretrained(parts.model_name_or_path, **kw, **qkw)
     else:
@@ -316,8 +326,7 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
         with _quiet_loading():  # a full CLIP checkpoint also holds the text tower, which is not wanted here
             vision = MODEL_MAPPING[type(parts.vision_config)].from_pretrained(
                 parts.vision_tower, config=parts.vision_config, **vkw)
-        extra = {} if parts.anyres is None else {
-            "image_grid_pinpoints": [list(p) for p in parts.anyres.pinpoints]}
+        extra = anyres_config_fields(parts.anyres)
         config = config_cls(
             text_config=llm.config, vision_config=vision.config,
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
@@ -358,9 +367,16 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
     return model
 
 
-def native_classes(anyres: bool):
-    """(model, config, projector) classes of transformers' LLaVA-1.5 or LLaVA-NeXT."""
-    if anyres:
+def native_classes(model_type: str):
+    """(model, config, projector) classes of transformers' LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision."""
+    if model_type == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            LlavaOnevisionMultiModalProjector,
+        )
+
+        return LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionMultiModalProjector
+    if model_type == "llava_next":
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
         from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
@@ -369,6 +385,16 @@ def native_classes(anyres: bool):
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     return LlavaForConditionalGeneration, LlavaConfig, LlavaMultiModalProjector
+
+
+def anyres_config_fields(anyres: AnyRes | None) -> dict:
+    """What a native config holds of a geometry: the grid, and OneVision's ``vision_aspect_ratio``."""
+    if anyres is None:
+        return {}
+    fields = {"image_grid_pinpoints": [list(p) for p in anyres.pinpoints]}
+    if anyres.max_tiles is not None:
+        fields["vision_aspect_ratio"] = anyres.aspect_ratio
+    return fields
 
 
 def assemble(model_name_or_path: str, vision_tower: str | None, *, select_layer: int = -2,

@@ -125,9 +125,11 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     from llavakit.model.build import (
         _quiet_loading,
         _vision_config,
+        anyres_config_fields,
         anyres_for,
         has_cls_token,
         load_image_processor,
+        model_type_for,
         native_classes,
         num_image_tokens_for,
         prepare_tokenizer,
@@ -161,7 +163,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
         raise ConversionError(f"{model_path}: mm_projector_type {cfg['mm_projector_type']!r}; only mlp2x_gelu "
                               "(LLaVA-1.5) maps onto transformers' Llava projector")
     merge, aspect = cfg.get("mm_patch_merge_type") or "flat", cfg.get("image_aspect_ratio") or "square"
-    next_model = merge == "spatial_unpad" and aspect == "anyres"  # LLaVA-NeXT (llava-v1.6-*)
+    next_model = merge == "spatial_unpad" and aspect.startswith("anyres")  # LLaVA-NeXT (llava-v1.6-*), OneVision
     if not next_model and (merge != "flat" or aspect.startswith("anyres")):
         raise ConversionError(f"{model_path}: mm_patch_merge_type {merge!r} with image_aspect_ratio {aspect!r}; "
                               "transformers has LLaVA-1.5 (flat, square or pad) and LLaVA-NeXT (spatial_unpad, "
@@ -245,10 +247,10 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     if next_model:
         if NATIVE_NEWLINE not in state:
             raise ConversionError(f"{model_path}: a LLaVA-NeXT config (spatial_unpad) but no {ORIGINAL_NEWLINE}")
-        anyres = anyres_for("anyres", cfg.get("image_grid_pinpoints"), vcfg, load_image_processor(tower), strategy,
+        anyres = anyres_for(aspect, cfg.get("image_grid_pinpoints"), vcfg, load_image_processor(tower), strategy,
                             model_path)
-    model_cls, config_cls, _ = native_classes(anyres is not None)
-    extra = {"image_grid_pinpoints": [list(p) for p in anyres.pinpoints]} if anyres else {}
+    model_cls, config_cls, _ = native_classes(model_type_for(anyres))
+    extra = anyres_config_fields(anyres)
     config = config_cls(text_config=text_config, vision_config=vision.config,
                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), image_seq_length=n_tokens,
                         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
@@ -264,7 +266,7 @@ def from_original(model_path: str, save_path: str, *, vision_tower: str | None =
     template = get_template(conv_mode, tokenizer)
     tokenizer.chat_template = chat_template_for(template, tokenizer)
     processor = build_processor(tokenizer, image_processor_for(load_image_processor(tower), aspect, anyres),
-                                vcfg, strategy, tokenizer.chat_template, anyres=anyres is not None)
+                                vcfg, strategy, tokenizer.chat_template, anyres=anyres)
     processor.save_pretrained(save_path)
     keep_sentencepiece_model(tokenizer, save_path)
     gen_path = os.path.join(model_path, "generation_config.json")
@@ -290,7 +292,7 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     cfg = read_config_dict(model_path)
     if checkpoint_kind(cfg) != "llava-hf":
         raise ConversionError(f"{model_path}: not a transformers-native LLaVA checkpoint")
-    model = native_classes(cfg.get("model_type") == "llava_next")[0].from_pretrained(model_path, dtype="auto")
+    model = native_classes(cfg.get("model_type"))[0].from_pretrained(model_path, dtype="auto")
     anyres = anyres_of(model.config)
     processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
@@ -357,7 +359,8 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
         "mm_use_im_start_end": "<im_start>" in tokenizer.get_vocab(),
         "mm_use_im_patch_token": "<im_patch>" in tokenizer.get_vocab(),
         "mm_patch_merge_type": "spatial_unpad" if anyres else "flat",
-        "image_aspect_ratio": "anyres" if anyres else "pad" if do_pad else "square", "tune_mm_mlp_adapter": False,
+        "image_aspect_ratio": anyres.aspect_ratio if anyres else "pad" if do_pad else "square",
+        "tune_mm_mlp_adapter": False,
         "freeze_mm_mlp_adapter": False, "use_mm_proj": True, "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": min(int(getattr(tokenizer, "model_max_length", 2048) or 2048),
                                           model.config.text_config.max_position_embeddings),

@@ -67,7 +67,7 @@ def load_llava(path: str, *, model_base: str | None = None, dtype: torch.dtype |
             raise ModelLoadError(f"{path} is not a transformers-native LLaVA checkpoint; {hint}")
         from transformers import AutoProcessor
 
-        model_cls = native_classes(cfg.get("model_type") == "llava_next")[0]
+        model_cls = native_classes(cfg.get("model_type"))[0]
         model = model_cls.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
     if conv_mode:

@@ -20,7 +20,7 @@ def image_processor_for(image_processor, aspect_ratio: str, anyres=None):
     """The image processor that sees images the way training did: with ``pad``, a ``LlavaImageProcessor``
     with ``do_pad`` (pad to square with the mean colour); with ``anyres`` (and its geometry), a
     ``LlavaNextImageProcessor`` that cuts the same base view and tiles; otherwise the tower's own."""
-    if aspect_ratio not in ("pad", "anyres"):
+    if aspect_ratio != "pad" and not aspect_ratio.startswith("anyres"):
         return image_processor
     cfg = {k: v for k, v in image_processor.to_dict().items()
            if k not in ("image_processor_type", "processor_class", "_processor_class")}
@@ -32,12 +32,18 @@ def image_processor_for(image_processor, aspect_ratio: str, anyres=None):
         size = cfg.get("size") or {}
         side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
         cfg["crop_size"] = {"height": side, "width": size.get("width", side) if isinstance(size, dict) else side}
-    if aspect_ratio == "anyres":
+    if aspect_ratio.startswith("anyres"):
+        if anyres is None:
+            raise ValueError(f"image_processor_for: {aspect_ratio!r} needs the AnyRes geometry")
+        cfg["image_grid_pinpoints"] = [list(p) for p in anyres.pinpoints]
+        if anyres.max_tiles is not None:
+            from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+                LlavaOnevisionImageProcessorPil,
+            )
+
+            return LlavaOnevisionImageProcessorPil(**cfg)
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-        if anyres is None:
-            raise ValueError("image_processor_for: 'anyres' needs the AnyRes geometry")
-        cfg["image_grid_pinpoints"] = [list(p) for p in anyres.pinpoints]
         return LlavaNextImageProcessorPil(**cfg)
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -91,16 +97,22 @@ def template_name_of(chat_template: str | None, tokenizer) -> str | None:
 
 
 def build_processor(tokenizer, image_processor, vision_config, strategy: str, chat_template: str | None,
-                    anyres: bool = False):
-    """``LlavaProcessor``, or with ``anyres`` ``LlavaNextProcessor`` (``image_processor`` from
-    :func:`image_processor_for`)."""
-    from transformers import LlavaNextProcessor, LlavaProcessor
+                    anyres=None):
+    """``LlavaProcessor``, or for an AnyRes geometry ``LlavaNextProcessor`` (``LlavaOnevisionProcessor`` with
+    ``anyres_max_N``); ``image_processor`` from :func:`image_processor_for`."""
+    from transformers import LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor
 
     from llavakit.model.build import has_cls_token
 
+    if anyres is not None and anyres.max_tiles is not None:
+        # it counts the base view's patches itself (as given) and drops none
+        return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                       num_image_tokens=anyres.tile_tokens, vision_feature_select_strategy="full",
+                                       chat_template=chat_template, image_token=IMAGE_PLACEHOLDER,
+                                       vision_aspect_ratio=anyres.aspect_ratio)
     # the processors count a CLS token as "additional" and drop it again with the "default" strategy
     has_cls = has_cls_token(vision_config)
-    cls = LlavaNextProcessor if anyres else LlavaProcessor
+    cls = LlavaNextProcessor if anyres is not None else LlavaProcessor
     return cls(image_processor=image_processor, tokenizer=tokenizer,
                patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
                num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,

@@ -20,11 +20,12 @@ from llavakit import IGNORE_INDEX
 
 def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, image_shape: tuple[int, ...],
                     pad_token_id: int, dtype: torch.dtype, views: int = 1,
-                    image_size: tuple[int, int] | None = None) -> dict:
+                    image_size: tuple[int, int] | None = None, count_images: bool = False) -> dict:
     """Return ``inputs`` with a loss-neutral dummy image when it has none (see the module docstring).
 
     ``image_shape`` is one view's (channels, height, width); an AnyRes model's dummy image has ``views``
-    views (base and tiles) and ``image_size``, from which the model derives them."""
+    views (base and tiles) and ``image_size``, from which the model derives them; ``count_images`` adds
+    OneVision's ``batch_num_images`` (one image, in one sample)."""
     if inputs.get("pixel_values") is not None:
         return inputs
     ids = inputs["input_ids"]
@@ -50,4 +51,6 @@ def add_dummy_image(inputs: dict, image_token_id: int, num_image_tokens: int, im
     out["pixel_values"] = torch.zeros((views, *image_shape), dtype=dtype, device=ids.device)
     if image_size is not None:
         out["image_sizes"] = torch.tensor([image_size], dtype=torch.long, device=ids.device)
+    if count_images:
+        out["batch_num_images"] = torch.ones(1, dtype=torch.long, device=ids.device)
     return out

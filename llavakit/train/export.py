@@ -42,10 +42,10 @@ def save_final(trainer, parts, model_args, data_args, train_args, template) -> N
         model.config.text_config.use_cache = True
     trainer.save_model(out)  # weights, config and generation config (or the adapter), see LlavaTrainer._save
     if train_args.should_save:
-        aspect = "anyres" if parts.anyres is not None else data_args.image_aspect_ratio
+        aspect = parts.anyres.aspect_ratio if parts.anyres is not None else data_args.image_aspect_ratio
         processor = build_processor(tokenizer, image_processor_for(parts.image_processor, aspect, parts.anyres),
                                     model.config.vision_config, model.config.vision_feature_select_strategy,
-                                    chat_template, anyres=parts.anyres is not None)
+                                    chat_template, anyres=parts.anyres)
         if is_lora:  # adapter + projector (peft files) + processor + what the base was; no config.json
             from llavakit.model.lora import write_base_record
 

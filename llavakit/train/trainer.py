@@ -80,7 +80,7 @@ class LlavaTrainer(TrainerSeam, Trainer):
         if anyres is not None:  # a dummy image of one tile's size: its base view and tiles, as for any image
             side = vcfg.image_size
             self._dummy.update(num_image_tokens=anyres.num_tokens(side, side), views=anyres.num_views(side, side),
-                               image_size=(side, side))
+                               image_size=(side, side), count_images=anyres.max_tiles is not None)
         # packed batches give a varlen kernel (FlashAttention, torch_varlen) their boundaries (collate.varlen_kwargs)
         self._varlen = uses_varlen_attention(attention_kernel(cfg.text_config))
         self.tokens_seen = 0  # real (non-padding) tokens
