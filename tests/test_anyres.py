@@ -586,3 +586,26 @@ def test_qwen2_and_siglip_anyres(tokenizer_dir, anyres_data, tmp_path):
     assert model.config.vision_feature_select_strategy == "full"
     assert processor_builds_training_inputs(out, anyres_data, model, AutoProcessor.from_pretrained(out),
                                             "qwen2") >= 2
+
+
+def test_a_llava_next_checkpoint_trains_further(anyres_run, anyres_data, tmp_path):
+    """`--model_name_or_path` a LlavaNext checkpoint (ours, or shaped like llava-hf/llava-v1.6-*-hf): it brings
+    its tower, grid and newline; asked for another aspect ratio, the error says which one it needs."""
+    from safetensors.torch import load_file
+
+    from llavakit.config import RunConfig
+    from llavakit.model.build import ModelLoadError
+    from llavakit.train.entry import run
+
+    out = tmp_path / "more"
+    flags = ["--model_name_or_path", str(anyres_run["s2"]), "--image_folder", anyres_data["images"],
+             "--image_aspect_ratio", "anyres", "--data_path", anyres_data["instruct"], "--version", "v1",
+             "--report_to", "none", "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_strategy", "no",
+             "--learning_rate", "1e-3", "--output_dir", str(out)]
+    result = run(RunConfig.from_argv(flags))
+    assert result.summary["steps"] == 2
+    before = load_file(str(anyres_run["s2"] / "model.safetensors"))["image_newline"]
+    assert not torch.equal(load_file(str(out / "model.safetensors"))["image_newline"], before)
+    flags[flags.index("anyres")] = "pad"
+    with pytest.raises(ModelLoadError, match="continue it with --image_aspect_ratio anyres"):
+        run(RunConfig.from_argv(flags[:-1] + [str(tmp_path / "other")]))
