@@ -609,3 +609,23 @@ def test_a_llava_next_checkpoint_trains_further(anyres_run, anyres_data, tmp_pat
     flags[flags.index("anyres")] = "pad"
     with pytest.raises(ModelLoadError, match="continue it with --image_aspect_ratio anyres"):
         run(RunConfig.from_argv(flags[:-1] + [str(tmp_path / "other")]))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_anyres(backbones, anyres_data, tmp_path):
+    """ZeRO-3 (as LLaVA-NeXT's stage 2 runs): the partitioned newline trains and the gathered model loads."""
+    from transformers import AutoModelForImageTextToText
+
+    from tests.conftest import REPO
+    from tests.test_distributed import tail, torchrun
+
+    out = tmp_path / "z3"
+    r = torchrun(anyres_flags(backbones, anyres_data, out, version="v1", data_path=anyres_data["instruct"],
+                              deepspeed=REPO / "scripts" / "zero3.json", per_device_train_batch_size=1, max_steps=3,
+                              dataloader_num_workers=0), timeout=400)
+    assert r.returncode == 0, tail(r)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    hidden = model.config.text_config.hidden_size
+    assert model.model.image_newline.shape == (hidden,)

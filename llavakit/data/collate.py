@@ -16,8 +16,9 @@ per step, the same supervised tokens: only the padding goes.
 ``pixel_values`` holds the images stacked in the order their samples appear in the rows, and is absent
 when no sample has one; with AnyRes it holds every image's views (base view, then tiles) in one stack —
 the vision tower runs the tiles of a whole micro-batch as one batch — and ``image_sizes`` each image's
-(height, width), from which the model splits them again. Images arrive as uint8; with ``normalize=True`` the collator turns them into
-float32 (bit-identical to the processor), otherwise they stay uint8 for normalisation on the device.
+(height, width), from which the model splits them again. Images arrive as uint8; with ``normalize=True``
+the collator turns them into float32 (bit-identical to the processor), otherwise they stay uint8 for
+normalisation on the device.
 Every batch carries ``num_real_tokens`` (the tokens that are not padding) and ``num_samples`` for
 throughput accounting, as plain ints (they stay on the host, so counting them never waits for the GPU),
 and ``replaced``, the bad samples its samples stand in for (from whichever worker process loaded them);

@@ -102,8 +102,8 @@ def encode_lengths(store: RecordStore, valid: list[int], encoder: ConversationEn
     ``status`` is 0 for encodable records, 1 for records whose supervision cannot be established, 2 for
     records whose text is too long to tokenize, 3 for records with an image whose size cannot be read (AnyRes:
     its token count follows its size: ``image_sizes(record index)`` where the sizes are known, as for shards,
-    else read from the file's header under ``image_folder``); their message is in ``errors``. Cached under ``cache_dir`` keyed by the file, tokenizer and template (and, with AnyRes,
-    the image folder).
+    else read from the file's header under ``image_folder``); their message is in ``errors``. Cached under
+    ``cache_dir`` keyed by the file, tokenizer and template (and, with AnyRes, the image folder).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(store, encoder, image_folder if image_sizes is None else None)

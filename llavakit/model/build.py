@@ -171,7 +171,7 @@ class Parts:
     vision_config: Any
     strategy: str
     select_layer: int
-    anyres: AnyRes | None = None  # LLaVA-NeXT: the model is a LlavaNextForConditionalGeneration
+    anyres: AnyRes | None = None  # AnyRes: the model is a LlavaNext (LlavaOnevision with anyres_max_N)
 
 
 def anyres_of(config) -> AnyRes | None:
@@ -350,6 +350,8 @@ def build_model(parts: Parts, *, dtype: torch.dtype = torch.float32, cache_dir: 
             vision.to(device)
             model.model.multi_modal_projector.to(device)
             model.lm_head.to(device)
+            if parts.anyres is not None:
+                model.model.image_newline.data = model.model.image_newline.data.to(device)
         model.config.text_config = llm.config
         model.config.vision_config = vision.config
         if attn_implementation:
