@@ -127,6 +127,28 @@ def train_data(tmp_path_factory):
             "instruct": str(root / "instruct.json")}
 
 
+def qwen2_and_siglip(tokenizer_dir, root: Path) -> dict:
+    """A tiny Qwen2 language model (with the suite's tokenizer) and a tiny CLS-free SigLIP tower (with its
+    fixed-size image processor), saved under ``root``: {"llm": dir, "clip": dir}, like :func:`backbones`."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128)).save_pretrained(root / "qwen")
+    tok.save_pretrained(root / "qwen")
+    SiglipVisionModel(SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64)).save_pretrained(root / "sig")
+    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(root / "sig")
+    return {"llm": str(root / "qwen"), "clip": str(root / "sig")}
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -561,26 +561,13 @@ def test_anyres_from_shards_uses_the_image_sizes_they_recorded(backbones, anyres
 def test_qwen2_and_siglip_anyres(tokenizer_dir, anyres_data, tmp_path):
     """A Qwen2 language model and a CLS-free SigLIP tower (every patch kept) train AnyRes from the CLI, and
     AutoProcessor builds the training ids and pixels for the result (qwen2 template)."""
-    from transformers import (
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path / "qwen")
-    tok.save_pretrained(tmp_path / "qwen")
-    SiglipVisionModel(SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "sig")
-    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "sig")
+    from tests.conftest import qwen2_and_siglip
+
+    backbones = qwen2_and_siglip(tokenizer_dir, tmp_path)
     out = tmp_path / "out"
-    train_cli(anyres_flags({"llm": str(tmp_path / "qwen"), "clip": str(tmp_path / "sig")}, anyres_data, out,
+    train_cli(anyres_flags(backbones, anyres_data, out,
                            version="qwen2", data_path=anyres_data["instruct"], max_steps=2))
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.config.vision_feature_select_strategy == "full"

@@ -176,23 +176,10 @@ def test_optimizer_groups_projector_lr_and_no_decay_on_bias_and_norms(asm, tmp_p
 
 def test_qwen2_language_model_and_siglip_tower(tokenizer_dir, tmp_path):
     """Other causal LMs and a CLS-free vision tower assemble, train a step and generate."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from .conftest import qwen2_and_siglip
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path / "qwen")
-    tok.save_pretrained(tmp_path / "qwen")
-    SiglipVisionModel(SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "sig")
-    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "sig")
-    a = assemble(str(tmp_path / "qwen"), str(tmp_path / "sig"))
+    parts = qwen2_and_siglip(tokenizer_dir, tmp_path)
+    a = assemble(parts["llm"], parts["clip"])
     assert a.model.config.text_config.model_type == "qwen2"
     assert a.model.config.vision_feature_select_strategy == "full" and a.num_image_tokens == 4
     img = a.model.config.image_token_index
