@@ -14,7 +14,7 @@ per-device batches (16 per device × 8 devices) three ways:
   of at most 2,048 tokens (what SDPA / eager would use).
 
 With ``--anyres`` every image record's 576 image tokens become what LLaVA-NeXT's AnyRes gives its image
-(336-px CLIP tiles, the five LLaVA-NeXT grids, unpadded rows plus a newline each: 1,000 to 2,928 tokens)
+(336-px CLIP tiles, the five LLaVA-NeXT grids, unpadded rows plus a newline each: up to 2,928 tokens)
 and the length cap is 4,096 (LLaVA-NeXT's). The image sizes are modelled per source, from the sources'
 published conventions: COCO images (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO) 640 px on the long
 side, GQA and Visual Genome 500 px, TextCaps (Open Images) 1,024 px — three in four landscape, with the
