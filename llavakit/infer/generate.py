@@ -109,16 +109,14 @@ class Predictor:
     def _inputs(self, texts: list[str], images) -> dict:
         """Left-padded ids (chunk-wise, as in training), attention mask and the images' pixel values (an
         AnyRes model's: every image's views, and its size)."""
-        n_blocks = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+        counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]  # each prompt's images, in order
+        n_blocks = sum(counts)
         if n_blocks != len(images or ()):
             raise ValueError(f"the prompts hold {n_blocks} image placeholder(s) but {len(images or ())} image(s) "
                              "were given")
         sizes = [(im.height, im.width) for im in images or ()]
-        rows, k = [], 0
-        for t in texts:
-            n = t.count(IMAGE_PLACEHOLDER)
-            rows.append(self.input_ids(t, sizes[k:k + n]))
-            k += n
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        rows = [self.input_ids(t, sizes[s:s + n]) for t, s, n in zip(texts, starts, counts)]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -130,8 +128,6 @@ class Predictor:
         if images:
             anyres = self.encoder.anyres
             if anyres is not None and anyres.max_tiles is not None:  # OneVision: images grouped by prompt
-                counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
-                starts = [sum(counts[:i]) for i in range(len(counts))]
                 grouped = [list(images[s:s + n]) for s, n in zip(starts, counts) if n]
                 processed = self.processor.image_processor(images=grouped, return_tensors="pt")
                 inputs["batch_num_images"] = processed["batch_num_images"]

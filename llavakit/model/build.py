@@ -453,7 +453,7 @@ def _resize_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=False)
     weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     for w in weights.values():
-        with _gathered_for_update(w):
+        with gathered(w, modifier_rank=0):
             w.data.copy_(grow_rows(w.data[:old], w.shape[0]))
     logger.info("resized token embeddings to %d for %d tokens", _rows(model.get_input_embeddings().weight), n)
 
@@ -463,13 +463,14 @@ def _rows(weight) -> int:
     return int((shape if shape is not None else weight.shape)[0])
 
 
-def _gathered_for_update(weight):
-    """The whole tensor while inside (ZeRO-3: gathered, rank 0's change kept); a no-op otherwise."""
+def gathered(weight, modifier_rank: int | None = None):
+    """The whole tensor while inside (ZeRO-3: gathered; with ``modifier_rank``, that rank's change kept); a
+    no-op otherwise."""
     if getattr(weight, "ds_shape", None) is None:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=modifier_rank)
 
 
 def _sync_special_ids(model, tokenizer) -> None:

@@ -29,7 +29,7 @@ from transformers.trainer_utils import seed_worker
 from llavakit.data.sampler import LengthGroupedBatchSampler
 from llavakit.data.stream import ShardDataset
 from llavakit.internals import TrainerSeam, attention_kernel
-from llavakit.model.build import anyres_of, num_image_tokens_for, uses_varlen_attention
+from llavakit.model.build import anyres_of, gathered, num_image_tokens_for, uses_varlen_attention
 from llavakit.model.generation_config import make_savable
 from llavakit.model.projector import PROJECTOR_BIN, load_projector, save_projector
 from llavakit.train.batch import BatchCounts, BatchPlan, prepare_batch
@@ -49,17 +49,6 @@ def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if f"{PROJECTOR}." in k:
             out[k.split(f"{PROJECTOR}.", 1)[1]] = v
     return out
-
-
-def _gathered(param):
-    """A ZeRO-3 partitioned parameter's whole value while inside; a no-op otherwise."""
-    if getattr(param, "ds_shape", None) is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param])
 
 
 class LlavaTrainer(TrainerSeam, Trainer):
@@ -236,7 +225,7 @@ class LlavaTrainer(TrainerSeam, Trainer):
         value = next((v for k, v in (state_dict or {}).items() if k.endswith("image_newline")), None)
         if value is None:
             param = self.llava.model.image_newline
-            with _gathered(param):
+            with gathered(param):
                 value = param.detach().clone()
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
