@@ -216,3 +216,65 @@ def test_composed_descriptions_share_their_parts_and_train(tmp_path):
         assert torch.allclose(a, b, atol=1e-6) and a.norm() > 0
     used = describe(data["scenes"][examples[0][0]["image"]])[0]
     assert not torch.allclose(row("lm0", used), row("lm3", used))  # trained
+
+
+# ---- llavakit demo --anyres ----------------------------------------------------------------------------
+def test_anyres_demo_patterns_vanish_in_the_base_view_and_stay_in_the_tiles():
+    """The demo's premise, through the training transforms: the three patterns (same colour, place, grey and
+    shift) give base views whose square is the same flat tint (only its rim differs, by a few levels: which
+    line a pattern starts with), while the AnyRes tile holding the square tells them apart
+    everywhere."""
+    import random
+
+    import numpy as np
+
+    from llavakit.data.anyres import AnyRes, parse_grid_pinpoints
+    from llavakit.data.images import ImageTransform
+    from llavakit.demo.anyres import PATTERNS, AnyResDemoConfig, draw
+
+    cfg = AnyResDemoConfig()
+    anyres = AnyRes(parse_grid_pinpoints([[56, 56]], cfg.tile), cfg.tile, cfg.patch)
+    transform = ImageTransform(shortest_edge=cfg.tile, crop_hw=(cfg.tile, cfg.tile), aspect_ratio="anyres",
+                               anyres=anyres)
+    for quadrant in range(4):
+        images = {p: draw("blue", p, quadrant, cfg, random.Random(7)) for p in PATTERNS}
+        views = {p: transform.views(im).astype(int) for p, im in images.items()}
+        assert all(v.shape == (5, 3, cfg.tile, cfg.tile) for v in views.values())  # base view + 4 tiles
+        rows, cols = np.nonzero(np.asarray(images["checked"]).std(-1) > 0)  # the square, at full resolution
+        top, left, bottom, right = rows.min() // 2 + 2, cols.min() // 2 + 2, rows.max() // 2 - 1, cols.max() // 2 - 1
+        assert bottom - top >= 6 and right - left >= 6
+        for a, b in (("horizontal", "vertical"), ("horizontal", "checked"), ("vertical", "checked")):
+            inside = np.abs(views[a][0] - views[b][0])[:, top:bottom, left:right]
+            assert inside.max() <= 1, (quadrant, a, b)
+            tile = np.abs(views[a][1 + quadrant] - views[b][1 + quadrant])
+            assert tile.max() >= 100 and (tile.max(0) >= 100).mean() > 0.25, (quadrant, a, b)
+
+
+@pytest.mark.slow
+def test_anyres_demo_quick_from_the_cli(tmp_path):
+    """``llavakit demo --anyres --quick``: both models trained from the same backbones on the same records
+    (AnyRes reads 20 more image tokens per sample), both load as transformers' native classes, and the
+    summary, table and views are written."""
+    import sys
+
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from llavakit.demo.anyres import ANSWER_SETS as ANYRES_ANSWERS
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "llavakit", "demo", "--anyres", "--quick", "--output", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    base, anyres = s["base"], s["anyres"]
+    assert (base["image_tokens"], anyres["image_tokens"]) == (4, 24)
+    n = s["config"]["n_train"] * s["config"]["epochs"]
+    assert anyres["tokens_trained"] - base["tokens_trained"] == 20 * n
+    assert set(base["per_type"]) == set(anyres["per_type"]) == set(ANYRES_ANSWERS) == set(s["chance_per_type"])
+    assert s["heldout_questions"] == 3 * s["config"]["n_test"]
+    assert set(s["phase_seconds"]) == {"data", "backbones", "stage2_base", "stage2_anyres", "report"}
+    assert AutoConfig.from_pretrained(out / "base").model_type == "llava"
+    assert AutoConfig.from_pretrained(out / "anyres").model_type == "llava_next"
+    assert Image.open(out / "views.png").size[0] == 3 * 56 * 4 + 4 * 8
+    assert "AnyRes" in r.stdout and "pattern" in r.stdout

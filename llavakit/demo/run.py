@@ -421,10 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="demo-output")
     ap.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--anyres", action="store_true",
+                    help="AnyRes (LLaVA-NeXT) against the base resolution on detail too fine for it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(args.output, args.quick, args.seed)
+    if args.anyres:
+        from llavakit.demo.anyres import run_anyres_demo
+
+        run_anyres_demo(args.output, args.quick, args.seed)
+    else:
+        run_demo(args.output, args.quick, args.seed)
     return 0
 
 
