@@ -267,10 +267,7 @@ def validate_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> 
     anyres = d.image_aspect_ratio.startswith("anyres")
     if anyres:
         try:
-            if max_tiles_of(d.image_aspect_ratio) is not None:
-                errors.append(f"--image_aspect_ratio {d.image_aspect_ratio}: LLaVA-OneVision models are not trained yet "
-                              "(transformers' LlavaOnevisionProcessor, which a saved model needs, requires torchvision "
-                              "for its video processor); use anyres (LLaVA-NeXT)")
+            max_tiles_of(d.image_aspect_ratio)
         except AnyResError as e:
             errors.append(str(e))
     if not anyres and d.image_aspect_ratio not in ("square", "pad"):

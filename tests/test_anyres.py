@@ -154,16 +154,16 @@ def anyres_run(backbones, anyres_data, tmp_path_factory):
     return {"s1": s1, "s2": s2}
 
 
-def training_samples(model_path, data, version: str = "v1") -> tuple[list[dict], object]:
+def training_samples(model_path, data, version: str = "v1", aspect: str = "anyres") -> tuple[list[dict], object]:
     """The samples stage-2 training builds from ``data``'s instructions (through the dataset)."""
     from llavakit.config import RunConfig
     from llavakit.model.build import load_parts
     from llavakit.train.entry import build_data
 
     cfg = RunConfig.from_options(model_name_or_path=str(model_path), image_folder=data["images"], version=version,
-                                 image_aspect_ratio="anyres", data_path=data["instruct"], report_to="none",
+                                 image_aspect_ratio=aspect, data_path=data["instruct"], report_to="none",
                                  output_dir=str(model_path / "check"))
-    parts = load_parts(str(model_path), None, image_aspect_ratio="anyres")
+    parts = load_parts(str(model_path), None, image_aspect_ratio=aspect)
     ds, collator, _ = build_data(cfg.model, cfg.data, cfg.train, parts.tokenizer, parts.image_processor,
                                  parts.num_image_tokens, parts.anyres)
     return [ds[i] | {"record": data["records"][int(ds.index.record_idx[i])]} for i in range(len(ds))], collator
@@ -182,14 +182,15 @@ def test_anyres_model_trains_and_plain_transformers_builds_training_ids(anyres_r
     assert processor_builds_training_inputs(out, anyres_data, model, processor) >= 2
 
 
-def processor_builds_training_inputs(out, anyres_data, model, processor, version: str = "v1") -> int:
+def processor_builds_training_inputs(out, anyres_data, model, processor, version: str = "v1",
+                                     aspect: str = "anyres") -> int:
     """For every training sample: AutoProcessor's ids and pixels for the same conversation and images are
     training's, and the model takes them. Returns how many samples had two images."""
     from llavakit.data.images import open_image
     from llavakit.data.records import Turn
     from llavakit.data.templates import place_images
 
-    samples, collator = training_samples(out, anyres_data, version)
+    samples, collator = training_samples(out, anyres_data, version, aspect)
     seen_two = 0
     for s in samples:
         rec = s["record"]
@@ -200,14 +201,16 @@ def processor_builds_training_inputs(out, anyres_data, model, processor, version
         messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
                     for t in place_images(turns, len(imgs))]
         text = processor.apply_chat_template(messages)
-        enc = processor(text=[text], images=imgs or None, return_tensors="pt")
+        # OneVision's processor tells a sample's several images from several samples by the nesting
+        enc = processor(text=[text], images=([imgs] if aspect != "anyres" else imgs) if imgs else None,
+                        return_tensors="pt")
         assert enc["input_ids"][0].tolist() == s["input_ids"].tolist(), rec["id"]
         if not imgs:
             assert s["images"] is None
             continue
         seen_two += len(imgs) == 2
         assert s["image_sizes"].tolist() == [[im.height, im.width] for im in imgs]
-        views = [collator.transform.num_views(tuple(hw)) for hw in s["image_sizes"].tolist()]
+        views = [collator.transform.num_views(tuple(hw), len(imgs)) for hw in s["image_sizes"].tolist()]
         ours = torch.split(collator.transform.normalize(s["images"]), views)
         for k, (n, pixels) in enumerate(zip(views, ours)):  # the processor pads each image's views to the most
             assert torch.equal(enc["pixel_values"][k][:n], pixels), rec["id"]
@@ -215,6 +218,60 @@ def processor_builds_training_inputs(out, anyres_data, model, processor, version
         with torch.no_grad():
             assert model(**enc).logits.shape[1] == len(s["input_ids"])
     return seen_two
+
+
+def test_onevision_anyres_max_trains_and_its_processor_builds_training_ids(backbones, anyres_data, tmp_path):
+    """``--image_aspect_ratio anyres_max_1`` (LLaVA-OneVision: tile features pooled to about one tile's worth,
+    several images of a sample one padded view each): stage 2 from the CLI saves a
+    LlavaOnevisionForConditionalGeneration and a LlavaOnevisionProcessor — loaded back here, where torchvision
+    (its video processor's backend) is missing, by ``load_processor`` — whose ids and pixels are training's;
+    llavakit's inference builds the same ids and answers as plain transformers' generate."""
+    from transformers import AutoModelForImageTextToText
+
+    from llavakit.data.images import open_image
+    from llavakit.data.records import Turn
+    from llavakit.data.templates import place_images
+    from llavakit.infer.generate import Predictor, Query, Sampling
+    from llavakit.model.processing import load_processor
+
+    out = tmp_path / "ov"
+    train_cli(anyres_flags(backbones, anyres_data, out, version="v1", data_path=anyres_data["instruct"],
+                           image_aspect_ratio="anyres_max_1", num_train_epochs=1))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = load_processor(out)
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaOnevisionProcessor"
+    assert (model.config.vision_aspect_ratio, processor.vision_aspect_ratio) == ("anyres_max_1", "anyres_max_1")
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+    assert processor_builds_training_inputs(out, anyres_data, model, processor, aspect="anyres_max_1") >= 2
+
+    pred = Predictor.from_pretrained(str(out), device="cpu", dtype=torch.float32)
+    queries = [Query("What colour is the circle?", f"{anyres_data['images']}/{i}.jpg") for i in (0, 5, 11)]
+    ours = pred.generate(queries, max_new_tokens=5, batch_size=3)
+    for q, answer in zip(queries, ours):
+        prompt = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
+        enc = processor(text=[prompt], images=[open_image(q.image)], return_tensors="pt")
+        gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
+        assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
+
+    # two images in one prompt (one padded view each): the training sample's ids, and plain transformers' answer
+    samples, _ = training_samples(out, anyres_data, aspect="anyres_max_1")
+    two = next(s for s in samples if isinstance(s["record"].get("image"), list))
+    images = [open_image(f"{anyres_data['images']}/{p}") for p in two["record"]["image"]]
+    turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in two["record"]["conversations"]]
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
+                for t in place_images(turns, 2)][:-1]  # up to the last question
+    inputs = pred._inputs([pred.render(messages)], images)
+    assert inputs["batch_num_images"].tolist() == [2]
+    ids = inputs["input_ids"][0].tolist()
+    assert ids == two["input_ids"].tolist()[:len(ids)]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}]}]
+    answer = pred.chat(chat, images, Sampling(max_new_tokens=5))
+    enc = processor(text=[processor.apply_chat_template(chat, add_generation_prompt=True)], images=[images],
+                    return_tensors="pt")
+    gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
 
 
 def test_image_newline_trains_in_stage_2_only(anyres_run, backbones):
@@ -240,11 +297,12 @@ def test_image_newline_trains_in_stage_2_only(anyres_run, backbones):
     assert 1e-6 < float((trained - initial).abs().max()) < 0.1  # moved from the run's own initial value
 
 
-def test_packed_equals_padded_with_anyres_samples(backbones, anyres_data, tmp_path):
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_1"])
+def test_packed_equals_padded_with_anyres_samples(backbones, anyres_data, tmp_path, aspect):
     from tests.conftest import assert_same_losses, logged_losses
 
     common = dict(version="v1", data_path=anyres_data["instruct"], max_steps=4, dataloader_num_workers=0,
-                  learning_rate="1e-4")
+                  learning_rate="1e-4", image_aspect_ratio=aspect)
     padded = tmp_path / "padded"
     packed = tmp_path / "packed"
     train_cli(anyres_flags(backbones, anyres_data, padded, **common))
@@ -415,46 +473,50 @@ def test_unfrozen_vision_tower_trains_at_its_own_rate(backbones, anyres_data, tm
     assert not any(k.startswith(f"encoder.layers.{layers - 1}.") or k.startswith("post_layernorm") for k in changed)
 
 
-def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones, anyres_data, stage1, tmp_path):
-    """LoRA on an AnyRes model, from LLaVA-1.5's stage-1 projector (as LLaVA-NeXT's recipe starts): the
-    image_newline trains beside the projector and is saved next to the adapter; merge-lora gives the logits
-    of the unmerged model; a resume gives the uninterrupted losses."""
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_1"])
+def test_lora_trains_the_newline_beside_the_adapter_merges_and_resumes(backbones, anyres_data, stage1, tmp_path,
+                                                                       aspect):
+    """LoRA on an AnyRes model (LLaVA-NeXT, and OneVision), from LLaVA-1.5's stage-1 projector (as LLaVA-NeXT's
+    recipe starts): the image_newline trains beside the projector and is saved next to the adapter; merge-lora
+    gives the logits of the unmerged model; a resume gives the uninterrupted losses."""
     from peft import PeftModel
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from llavakit.cli import main
     from llavakit.data.images import open_image
     from llavakit.infer.generate import user_message
     from llavakit.model.build import assemble
     from llavakit.model.lora import load_newline
+    from llavakit.model.processing import load_processor
     from tests.conftest import assert_same_losses, logged_losses
 
     common = dict(version="v1", data_path=anyres_data["instruct"], lora_enable=True, lora_r=8, lora_alpha=16,
                   pretrain_mm_mlp_adapter=stage1["out"] / "mm_projector.bin", max_steps=4,
-                  dataloader_num_workers=0, save_strategy="steps", save_steps=2)
+                  dataloader_num_workers=0, save_strategy="steps", save_steps=2, image_aspect_ratio=aspect)
     out = tmp_path / "lora"
     train_cli(anyres_flags(backbones, anyres_data, out, **common))
     record = json.loads((out / "llavakit_base.json").read_text())
-    assert record["image_aspect_ratio"] == "anyres" and record["image_grid_pinpoints"] == PINPOINTS
+    assert record["image_aspect_ratio"] == aspect and record["image_grid_pinpoints"] == PINPOINTS
     newline = load_newline(str(out))
     assert newline is not None and load_newline(str(out / "checkpoint-2")) is not None
 
     merged = tmp_path / "merged"
     assert main(["merge-lora", "--model-path", str(out), "--save-model-path", str(merged)]) == 0
-    processor = AutoProcessor.from_pretrained(merged)
+    processor = load_processor(merged)
     prompt = processor.apply_chat_template([user_message("What colour is the circle?", 1)],
                                            add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[open_image(f"{anyres_data['images']}/7.jpg")], return_tensors="pt")
     from transformers import set_seed
 
     set_seed(0)  # the run's seed: the base as the run built it, with its initial newline
-    base = assemble(backbones["llm"], backbones["clip"], image_aspect_ratio="anyres",
+    base = assemble(backbones["llm"], backbones["clip"], image_aspect_ratio=aspect,
                     image_grid_pinpoints=PINPOINTS).model.eval()
     assert 1e-6 < float((base.model.image_newline - newline).abs().max()) < 0.1  # it trained
     with torch.no_grad():
         base.model.image_newline.copy_(newline)
     unmerged = PeftModel.from_pretrained(base, str(out)).eval()
-    merged_model = LlavaNextForConditionalGeneration.from_pretrained(merged).eval()
+    merged_model = AutoModelForImageTextToText.from_pretrained(merged).eval()
+    assert type(merged_model) is type(base)  # LlavaNext, LlavaOnevision
     assert torch.equal(merged_model.model.image_newline, newline)
     with torch.no_grad():
         assert (unmerged(**inputs).logits - merged_model(**inputs).logits).abs().max() < 1e-4

@@ -43,7 +43,6 @@ def test_yaml_config_with_flag_overrides(backbones, train_data, tmp_path):
     (["--mm_projector_type", "linear"], "mlp2x_gelu"),
     (["--image_aspect_ratio", "crop"], "use 'square', 'pad', 'anyres' (LLaVA-NeXT) or 'anyres_max_N'"),
     (["--image_aspect_ratio", "anyres_max_x"], "use anyres or anyres_max_N"),
-    (["--image_aspect_ratio", "anyres_max_9"], "LLaVA-OneVision models are not trained yet"),
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "flat"], "use spatial_unpad"),
     (["--mm_patch_merge_type", "spatial_unpad"], "use flat"),
     (["--image_grid_pinpoints", "[[56, 28]]"], "--image_grid_pinpoints tiles images for --image_aspect_ratio anyres"),

@@ -285,16 +285,17 @@ def to_original(model_path: str, save_path: str, *, vision_tower: str | None = N
     ``vision_tower`` names the public tower the model's tower equals (``mm_vision_tower``); without it the
     tower is saved to ``save_path/vision_tower`` and ``mm_vision_tower`` points there.
     """
-    from transformers import AutoProcessor, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
 
     from llavakit.model.build import anyres_of, native_classes
+    from llavakit.model.processing import load_processor
 
     cfg = read_config_dict(model_path)
     if checkpoint_kind(cfg) != "llava-hf":
         raise ConversionError(f"{model_path}: not a transformers-native LLaVA checkpoint")
     model = native_classes(cfg.get("model_type"))[0].from_pretrained(model_path, dtype="auto")
     anyres = anyres_of(model.config)
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path)
     tokenizer = processor.tokenizer
     text_type = model.config.text_config.model_type
     if text_type not in TEXT_TO_ORIGINAL:

@@ -65,11 +65,11 @@ def load_llava(path: str, *, model_base: str | None = None, dtype: torch.dtype |
                     f"{path.rstrip('/')}-hf" if kind == "llava-original" else
                     "give a LLaVA checkpoint (a stage-2 or merged output), not a language model")
             raise ModelLoadError(f"{path} is not a transformers-native LLaVA checkpoint; {hint}")
-        from transformers import AutoProcessor
+        from llavakit.model.processing import load_processor
 
         model_cls = native_classes(cfg.get("model_type"))[0]
         model = model_cls.from_pretrained(path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
     if conv_mode:
         use_template(model, processor, conv_mode)
     model.to(device).eval()
@@ -89,12 +89,11 @@ def use_template(model, processor, conv_mode: str) -> None:
 def merge_lora(adapter_dir: str, *, model_base: str | None = None, dtype: torch.dtype = torch.float32):
     """(merged model, processor) from a LoRA run's output directory."""
     from peft import PeftModel
-    from transformers import AutoProcessor
 
     from llavakit.data.templates import get_template
     from llavakit.model.build import assemble
     from llavakit.model.lora import BASE_FILE, load_newline, read_base_record
-    from llavakit.model.processing import set_generation_stop
+    from llavakit.model.processing import load_processor, set_generation_stop
     from llavakit.model.projector import load_projector
 
     record = read_base_record(adapter_dir)
@@ -122,7 +121,7 @@ def merge_lora(adapter_dir: str, *, model_base: str | None = None, dtype: torch.
         load_projector(model.model.multi_modal_projector, record["pretrain_mm_mlp_adapter"])
     logger.info("merging the LoRA adapter %s into %s", adapter_dir, record["model_name_or_path"])
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    processor = AutoProcessor.from_pretrained(adapter_dir)
+    processor = load_processor(adapter_dir)
     if record.get("version"):
         set_generation_stop(model.generation_config, processor.tokenizer, get_template(record["version"], processor.tokenizer))
     model.config.use_cache = True

@@ -6,6 +6,7 @@ Used by the final save of a run, by merging, by conversion and by every inferenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,11 +106,19 @@ def build_processor(tokenizer, image_processor, vision_config, strategy: str, ch
     from llavakit.model.build import has_cls_token
 
     if anyres is not None and anyres.max_tiles is not None:
-        # it counts the base view's patches itself (as given) and drops none
-        return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                       num_image_tokens=anyres.tile_tokens, vision_feature_select_strategy="full",
-                                       chat_template=chat_template, image_token=IMAGE_PLACEHOLDER,
-                                       vision_aspect_ratio=anyres.aspect_ratio)
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor,
+        )
+
+        # it counts the base view's patches itself (as given) and drops none; its video processor (llavakit
+        # trains on images) takes the image processor's size and normalisation
+        video_processor = LlavaOnevisionVideoProcessor(**{k: v for k, v in image_processor.to_dict().items()
+                                                          if k in _VIDEO_FIELDS})
+        with _video_processor_accepted():
+            return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                           video_processor=video_processor, num_image_tokens=anyres.tile_tokens,
+                                           vision_feature_select_strategy="full", chat_template=chat_template,
+                                           image_token=IMAGE_PLACEHOLDER, vision_aspect_ratio=anyres.aspect_ratio)
     # the processors count a CLS token as "additional" and drop it again with the "default" strategy
     has_cls = has_cls_token(vision_config)
     cls = LlavaNextProcessor if anyres is not None else LlavaProcessor
@@ -117,6 +126,78 @@ def build_processor(tokenizer, image_processor, vision_config, strategy: str, ch
                patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
                num_additional_image_tokens=1 if has_cls else 0, chat_template=chat_template,
                image_token=IMAGE_PLACEHOLDER)
+
+
+_VIDEO_FIELDS = ("size", "resample", "image_mean", "image_std", "rescale_factor", "do_rescale", "do_normalize",
+                 "do_resize", "do_convert_rgb")
+
+
+@contextlib.contextmanager
+def _video_processor_accepted():
+    """Let ``LlavaOnevisionProcessor`` be built without torchvision.
+
+    transformers checks a processor's video processor against its registry of video processor classes, which
+    is empty where torchvision is not installed; OneVision's processor has a video processor even for a model
+    trained on images, so it could neither be built nor loaded there. Within this block (only where
+    torchvision is missing) any video processor passes that check; the files saved are the same.
+    """
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    if is_torchvision_available():
+        yield
+        return
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def accept_video_processor(self, name, argument):
+        if name == "video_processor" and isinstance(argument, BaseVideoProcessor):
+            return type(argument)
+        return check(self, name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = accept_video_processor
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def load_processor(path: str | os.PathLike):
+    """``AutoProcessor.from_pretrained(path)`` — and where torchvision is missing, a saved
+    ``LlavaOnevisionProcessor`` (which ``AutoProcessor`` then refuses) from its files."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except ImportError:
+        config_file = os.path.join(path, "processor_config.json")
+        if not os.path.isfile(config_file):
+            raise
+        cfg = json.loads(open(config_file, encoding="utf-8").read())
+        if cfg.get("processor_class") != "LlavaOnevisionProcessor":
+            raise
+    from transformers import AutoTokenizer, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    def fields(d: dict, kind: str) -> dict:
+        return {k: v for k, v in d.items() if k != kind}
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template_file = os.path.join(path, "chat_template.jinja")
+    chat_template = open(template_file, encoding="utf-8").read() if os.path.isfile(template_file) else None
+    options = {k: cfg[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "image_token",
+                                   "video_token", "vision_aspect_ratio") if k in cfg}
+    with _video_processor_accepted():
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessorPil(**fields(cfg["image_processor"], "image_processor_type")),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(**fields(cfg["video_processor"], "video_processor_type")),
+            chat_template=chat_template, **options)
 
 
 def set_generation_stop(gc, tokenizer, template) -> None:
