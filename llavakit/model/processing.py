@@ -139,7 +139,7 @@ def _video_processor_accepted():
     transformers checks a processor's video processor against its registry of video processor classes, which
     is empty where torchvision is not installed; OneVision's processor has a video processor even for a model
     trained on images, so it could neither be built nor loaded there. Within this block (only where
-    torchvision is missing) any video processor passes that check; the files saved are the same.
+    torchvision is missing) any video processor passes that check; saving is transformers' own.
     """
     from transformers.processing_utils import ProcessorMixin
     from transformers.utils import is_torchvision_available
@@ -173,7 +173,8 @@ def load_processor(path: str | os.PathLike):
         config_file = os.path.join(path, "processor_config.json")
         if not os.path.isfile(config_file):
             raise
-        cfg = json.loads(open(config_file, encoding="utf-8").read())
+        with open(config_file, encoding="utf-8") as f:
+            cfg = json.load(f)
         if cfg.get("processor_class") != "LlavaOnevisionProcessor":
             raise
     from transformers import AutoTokenizer, LlavaOnevisionProcessor
@@ -189,7 +190,10 @@ def load_processor(path: str | os.PathLike):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     template_file = os.path.join(path, "chat_template.jinja")
-    chat_template = open(template_file, encoding="utf-8").read() if os.path.isfile(template_file) else None
+    chat_template = None
+    if os.path.isfile(template_file):
+        with open(template_file, encoding="utf-8") as f:
+            chat_template = f.read()
     options = {k: cfg[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "image_token",
                                    "video_token", "vision_aspect_ratio") if k in cfg}
     with _video_processor_accepted():
