@@ -220,6 +220,33 @@ def processor_builds_training_inputs(out, anyres_data, model, processor, version
     return seen_two
 
 
+def two_image_prompt(samples, images_dir) -> tuple[dict, list[str], list[dict]]:
+    """The first training sample with two images: the sample, its image paths, and its conversation as chat
+    messages up to its last question."""
+    from llavakit.data.records import Turn
+    from llavakit.data.templates import place_images
+
+    two = next(s for s in samples if isinstance(s["record"].get("image"), list))
+    paths = [f"{images_dir}/{p}" for p in two["record"]["image"]]
+    turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in two["record"]["conversations"]]
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
+                for t in place_images(turns, 2)][:-1]
+    return two, paths, messages
+
+
+def assert_greedy_is_plain_generate(pred, processor, queries, answers) -> None:
+    """Each query's answer (one image) is what plain transformers' greedy generate gives from the processor's
+    inputs."""
+    from llavakit.data.images import open_image
+
+    for q, answer in zip(queries, answers):
+        prompt = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
+        enc = processor(text=[prompt], images=[open_image(q.image)], return_tensors="pt")
+        gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
+        assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
+
+
 def test_onevision_anyres_max_trains_and_its_processor_builds_training_ids(backbones, anyres_data, tmp_path):
     """``--image_aspect_ratio anyres_max_1`` (LLaVA-OneVision: tile features pooled to about one tile's worth,
     several images of a sample one padded view each): stage 2 from the CLI saves a
@@ -229,8 +256,6 @@ def test_onevision_anyres_max_trains_and_its_processor_builds_training_ids(backb
     from transformers import AutoModelForImageTextToText
 
     from llavakit.data.images import open_image
-    from llavakit.data.records import Turn
-    from llavakit.data.templates import place_images
     from llavakit.infer.generate import Predictor, Query, Sampling
     from llavakit.model.processing import load_processor
 
@@ -247,21 +272,12 @@ def test_onevision_anyres_max_trains_and_its_processor_builds_training_ids(backb
 
     pred = Predictor.from_pretrained(str(out), device="cpu", dtype=torch.float32)
     queries = [Query("What colour is the circle?", f"{anyres_data['images']}/{i}.jpg") for i in (0, 5, 11)]
-    ours = pred.generate(queries, max_new_tokens=5, batch_size=3)
-    for q, answer in zip(queries, ours):
-        prompt = processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
-        enc = processor(text=[prompt], images=[open_image(q.image)], return_tensors="pt")
-        gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
-        assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
+    assert_greedy_is_plain_generate(pred, processor, queries, pred.generate(queries, max_new_tokens=5, batch_size=3))
 
     # two images in one prompt (one padded view each): the training sample's ids, and plain transformers' answer
-    samples, _ = training_samples(out, anyres_data, aspect="anyres_max_1")
-    two = next(s for s in samples if isinstance(s["record"].get("image"), list))
-    images = [open_image(f"{anyres_data['images']}/{p}") for p in two["record"]["image"]]
-    turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in two["record"]["conversations"]]
-    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
-                for t in place_images(turns, 2)][:-1]  # up to the last question
+    two, paths, messages = two_image_prompt(training_samples(out, anyres_data, aspect="anyres_max_1")[0],
+                                            anyres_data["images"])
+    images = [open_image(p) for p in paths]
     inputs = pred._inputs([pred.render(messages)], images)
     assert inputs["batch_num_images"].tolist() == [2]
     ids = inputs["input_ids"][0].tolist()
@@ -325,18 +341,11 @@ def test_llavakit_inference_builds_training_ids_and_generates(anyres_run, anyres
     from transformers import AutoProcessor
 
     from llavakit.data.images import open_image
-    from llavakit.data.records import Turn
-    from llavakit.data.templates import place_images
     from llavakit.infer.generate import Predictor, Query
 
     out = anyres_run["s2"]
     pred = Predictor.from_pretrained(str(out), device="cpu", dtype=torch.float32)
-    samples, _ = training_samples(out, anyres_data)
-    two = next(s for s in samples if isinstance(s["record"].get("image"), list))
-    paths = [f"{anyres_data['images']}/{p}" for p in two["record"]["image"]]
-    turns = [Turn("human" if t["from"] == "human" else "gpt", t["value"]) for t in two["record"]["conversations"]]
-    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text}
-                for t in place_images(turns, 2)][:-1]  # up to the last question
+    two, paths, messages = two_image_prompt(training_samples(out, anyres_data)[0], anyres_data["images"])
     ids = pred._inputs([pred.render(messages)], [open_image(p) for p in paths])["input_ids"][0].tolist()
     assert ids == two["input_ids"].tolist()[:len(ids)]
     rest = pred.tokenizer.decode(two["input_ids"][len(ids):], skip_special_tokens=True)
@@ -344,14 +353,8 @@ def test_llavakit_inference_builds_training_ids_and_generates(anyres_run, anyres
 
     # greedy answers: llavakit's batched generation (images of three sizes in one batch) and plain transformers
     queries = [Query("What colour is the circle?", f"{anyres_data['images']}/{i}.jpg") for i in (0, 5, 11)]
-    ours = pred.generate(queries, max_new_tokens=5, batch_size=3)
-    processor = AutoProcessor.from_pretrained(out)
-    for q, answer in zip(queries, ours):
-        prompt = processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
-        enc = processor(text=[prompt], images=[open_image(q.image)], return_tensors="pt")
-        gen = pred.model.generate(**enc, max_new_tokens=5, do_sample=False)
-        assert processor.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer
+    assert_greedy_is_plain_generate(pred, AutoProcessor.from_pretrained(out), queries,
+                                    pred.generate(queries, max_new_tokens=5, batch_size=3))
     chat = pred.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
                                                    {"type": "image"}]}], paths)
     assert isinstance(chat, str)

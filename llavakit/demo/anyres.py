@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from llavakit.demo.scenes import COLOURS, PLACES
@@ -203,18 +201,12 @@ def write_views(path: Path, data: dict, cfg: AnyResDemoConfig, per_pattern: int 
 
 def run_anyres_demo(output: str | Path, quick: bool = False, seed: int = 0,
                     cfg: AnyResDemoConfig | None = None) -> dict:
-    from llavakit.demo.run import Progress, cpu_description
+    from llavakit.demo.run import Progress, cpu_description, fresh_start
 
     cfg = cfg or (QUICK if quick else AnyResDemoConfig())
     if cfg.image_size != 2 * cfg.tile or cfg.tile != 2 * cfg.patch:
         raise ValueError("the AnyRes demo needs image_size = 2 tiles = 4 patches")
-    out = Path(output)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    out = fresh_start(output, seed)
     p = Progress()
 
     p.step(f"1/4 data: {cfg.n_train} training images, {cfg.n_test} held-out ({cfg.image_size} px, "

@@ -236,10 +236,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
-    cfg = cfg or (QUICK if quick else DemoConfig())
-    if cfg.image_size // cfg.patch_size != 2:
-        raise ValueError("the demo describes its scenes per quadrant: image_size must be 2 patches wide")
+def fresh_start(output: str | Path, seed: int) -> Path:
+    """An empty output directory (what was there is removed) and every random generator seeded."""
     out = Path(output)
     if out.exists():
         shutil.rmtree(out)
@@ -247,6 +245,14 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    return out
+
+
+def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
+    cfg = cfg or (QUICK if quick else DemoConfig())
+    if cfg.image_size // cfg.patch_size != 2:
+        raise ValueError("the demo describes its scenes per quadrant: image_size must be 2 patches wide")
+    out = fresh_start(output, seed)
     p = Progress()
 
     p.step(f"1/5 data: {cfg.n_train} training scenes, {cfg.n_test} held-out scenes ({cfg.render_size} px)", "data")
