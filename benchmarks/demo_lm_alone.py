@@ -1,18 +1,26 @@
 """What the demo's pretrained language model answers by itself, given the true descriptions of the held-out
 scenes (no image, no projector): the ceiling stage 1 can align to, per question type.
 
-    python benchmarks/demo_lm_alone.py --seed 1 --steps 700 --output /tmp/lm-alone
+    python benchmarks/demo_lm_alone.py --seed 1 --steps 700 --output /tmp/lm-alone \
+        [--extra is|adjacent] [--hidden 256] [--plain-descriptions]
 
 Makes the demo's data, tokenizer and language model exactly as ``llavakit demo --seed S`` does (with
 ``--steps`` language-model steps), then for every held-out colour, shape and position question scores each of
 its type's answers by the model's log-likelihood after ``<s> [description words] question`` (the
 question-answer texts' format in pretraining) and counts the likeliest. Prints the pretraining loss every
 100 steps and the accuracy per type.
+
+``--extra`` adds one text per training scene that names each object's colour right after its shape ("The
+circle is red." with ``is``, "circle red." with ``adjacent``) to the pretraining texts, and then also scores
+that form on the held-out scenes by the number of objects (the colour after "<s> [description] circle": one
+of the scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
+description word its own embedding, not composed from its parts) vary the language model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,6 +33,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="language-model steps (default: the demo's)")
     ap.add_argument("--output", required=True)
+    ap.add_argument("--extra", choices=("is", "adjacent"), default=None,
+                    help="add a text per scene naming each object's colour after its shape")
+    ap.add_argument("--hidden", type=int, default=None, help="the language model's width (default: the demo's)")
+    ap.add_argument("--plain-descriptions", action="store_true",
+                    help="description words not composed from their parts")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -34,13 +47,20 @@ def main() -> None:
     from llavakit.demo.run import DemoConfig, chat_texts, question_answer_text
     from llavakit.demo.scenes import (
         ANSWER_SETS,
+        COLOURS,
         DESCRIPTION_WORDS,
+        PLACES,
         describe,
         description_parts,
         write_dataset,
     )
 
     cfg, out = DemoConfig(), Path(args.output)
+    cfg = dataclasses.replace(cfg, lm_hidden=args.hidden or cfg.lm_hidden,
+                              lm_composed_descriptions=cfg.lm_composed_descriptions and not args.plain_descriptions)
+
+    def statement(o) -> str:
+        return f"The {o.shape} is" if args.extra == "is" else o.shape
     steps = args.steps or cfg.lm_steps
     torch.manual_seed(args.seed)
     data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, args.seed)
@@ -49,6 +69,12 @@ def main() -> None:
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
     texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
+    if args.extra:
+        for c in data["captions"]:
+            objects = sorted(scenes[c["image"]].objects, key=lambda o: PLACES.index(o.place))
+            texts.append({"id": c["id"] + "-extra", "image": c["image"], "conversations": [
+                {"from": "human", "value": "<image>"},
+                {"from": "gpt", "value": " ".join(f"{statement(o)} {o.colour}." for o in objects)}]})
     t0 = time.time()
     losses = pretrain_language_model(
         tok, [(r, describe(scenes[r["image"]])) for r in texts], out / "llm", hidden=cfg.lm_hidden,
@@ -58,19 +84,29 @@ def main() -> None:
           [round(losses[i], 3) for i in range(99, steps, 100)])
     lm = AutoModelForCausalLM.from_pretrained(out / "llm").eval()
     right: dict[str, list[bool]] = {}
+
+    def likeliest(prefix: list[int], text: str, answers) -> str:
+        start = len(prefix) + len(tok(text, add_special_tokens=False)["input_ids"]) - 1
+        scores = []
+        for answer in answers:
+            ids = torch.tensor([prefix + tok(f"{text} {answer}.", add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(ids).logits[0, :-1], -1)
+            scores.append(float(logp[start:].gather(1, ids[0, 1:][start:, None]).sum()))
+        return list(answers)[max(range(len(scores)), key=scores.__getitem__)]
+
     for q in map(json.loads, Path(data["files"]["heldout"]).read_text().splitlines()):
         if q["type"] not in ("colour", "shape", "position"):
             continue
         prefix = [tok.bos_token_id, *tok.convert_tokens_to_ids(describe(scenes[q["image"]]))]
-        start = len(prefix) + len(tok(q["text"], add_special_tokens=False)["input_ids"]) - 1
-        scores = []
-        for answer in ANSWER_SETS[q["type"]]:
-            ids = torch.tensor([prefix + tok(f"{q['text']} {answer}.", add_special_tokens=False)["input_ids"]])
-            with torch.no_grad():
-                logp = torch.log_softmax(lm(ids).logits[0, :-1], -1)
-            scores.append(float(logp[start:].gather(1, ids[0, 1:][start:, None]).sum()))
-        best = ANSWER_SETS[q["type"]][max(range(len(scores)), key=scores.__getitem__)]
-        right.setdefault(q["type"], []).append(best == q["answer"])
+        right.setdefault(q["type"], []).append(likeliest(prefix, q["text"], ANSWER_SETS[q["type"]]) == q["answer"])
+    if args.extra:  # the added form on the held-out scenes, by the number of objects
+        for rel in sorted({q["image"] for q in map(json.loads, Path(data["files"]["heldout"]).read_text().splitlines())}):
+            scene = scenes[rel]
+            prefix = [tok.bos_token_id, *tok.convert_tokens_to_ids(describe(scene))]
+            for o in scene.objects:
+                key = f"{args.extra}, {len(scene.objects)} objects"
+                right.setdefault(key, []).append(likeliest(prefix, statement(o), COLOURS) == o.colour)
     print(json.dumps({"seed": args.seed, "steps": steps, **{t: round(sum(v) / len(v), 3) for t, v in right.items()}}))
 
 
