@@ -2,7 +2,7 @@
 scenes (no image, no projector): the ceiling stage 1 can align to, per question type.
 
     python benchmarks/demo_lm_alone.py --seed 1 --steps 700 --output /tmp/lm-alone \
-        [--extra is|adjacent] [--hidden 256] [--plain-descriptions]
+        [--extra is|adjacent|colour-first] [--hidden 256] [--plain-descriptions]
 
 Makes the demo's data, tokenizer and language model exactly as ``llavakit demo --seed S`` does (with
 ``--steps`` language-model steps), then for every held-out colour, shape and position question scores each of
@@ -11,9 +11,10 @@ question-answer texts' format in pretraining) and counts the likeliest. Prints t
 100 steps and the accuracy per type.
 
 ``--extra`` adds one text per training scene that names each object's colour right after its shape ("The
-circle is red." with ``is``, "circle red." with ``adjacent``) to the pretraining texts, and then also scores
-that form on the held-out scenes by the number of objects (the colour after "<s> [description] circle": one
-of the scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
+circle is red." with ``is``, "circle red." with ``adjacent``) — or its shape right after its colour ("red
+circle." with ``colour-first``, the control) — to the pretraining texts, and then also scores that form on the
+held-out scenes by the number of objects (the colour after "<s> [description] circle", or the shape after
+"... red": one of the scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
 description word its own embedding, not composed from its parts) vary the language model.
 """
 
@@ -33,8 +34,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="language-model steps (default: the demo's)")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--extra", choices=("is", "adjacent"), default=None,
-                    help="add a text per scene naming each object's colour after its shape")
+    ap.add_argument("--extra", choices=("is", "adjacent", "colour-first"), default=None,
+                    help="add a text per scene naming each object's colour after its shape (or its shape after its "
+                         "colour)")
     ap.add_argument("--hidden", type=int, default=None, help="the language model's width (default: the demo's)")
     ap.add_argument("--plain-descriptions", action="store_true",
                     help="description words not composed from their parts")
@@ -50,6 +52,7 @@ def main() -> None:
         COLOURS,
         DESCRIPTION_WORDS,
         PLACES,
+        SHAPES,
         describe,
         description_parts,
         write_dataset,
@@ -59,8 +62,11 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, lm_hidden=args.hidden or cfg.lm_hidden,
                               lm_composed_descriptions=cfg.lm_composed_descriptions and not args.plain_descriptions)
 
-    def statement(o) -> str:
-        return f"The {o.shape} is" if args.extra == "is" else o.shape
+    def statement(o) -> tuple[str, str, tuple[str, ...]]:
+        """The added form for an object: its beginning, the word that follows, and that word's choices."""
+        if args.extra == "colour-first":
+            return o.colour, o.shape, SHAPES
+        return (f"The {o.shape} is" if args.extra == "is" else o.shape), o.colour, tuple(COLOURS)
     steps = args.steps or cfg.lm_steps
     torch.manual_seed(args.seed)
     data = write_dataset(out / "data", cfg.n_train, cfg.n_test, cfg.render_size, args.seed)
@@ -74,7 +80,7 @@ def main() -> None:
             objects = sorted(scenes[c["image"]].objects, key=lambda o: PLACES.index(o.place))
             texts.append({"id": c["id"] + "-extra", "image": c["image"], "conversations": [
                 {"from": "human", "value": "<image>"},
-                {"from": "gpt", "value": " ".join(f"{statement(o)} {o.colour}." for o in objects)}]})
+                {"from": "gpt", "value": " ".join("{} {}.".format(*statement(o)[:2]) for o in objects)}]})
     t0 = time.time()
     losses = pretrain_language_model(
         tok, [(r, describe(scenes[r["image"]])) for r in texts], out / "llm", hidden=cfg.lm_hidden,
@@ -106,7 +112,8 @@ def main() -> None:
             prefix = [tok.bos_token_id, *tok.convert_tokens_to_ids(describe(scene))]
             for o in scene.objects:
                 key = f"{args.extra}, {len(scene.objects)} objects"
-                right.setdefault(key, []).append(likeliest(prefix, statement(o), COLOURS) == o.colour)
+                start, word, choices = statement(o)
+                right.setdefault(key, []).append(likeliest(prefix, start, choices) == word)
     print(json.dumps({"seed": args.seed, "steps": steps, **{t: round(sum(v) / len(v), 3) for t, v in right.items()}}))
 
 
