@@ -2,7 +2,7 @@
 scenes (no image, no projector): the ceiling stage 1 can align to, per question type.
 
     python benchmarks/demo_lm_alone.py --seed 1 --steps 700 --output /tmp/lm-alone \
-        [--extra is|adjacent|colour-first] [--hidden 256] [--plain-descriptions]
+        [--extra is|adjacent|colour-first] [--hidden 256] [--plain-descriptions] [--shape-scale 2]
 
 Makes the demo's data, tokenizer and language model exactly as ``llavakit demo --seed S`` does (with
 ``--steps`` language-model steps), then for every held-out colour, shape and position question scores each of
@@ -15,7 +15,8 @@ circle is red." with ``is``, "circle red." with ``adjacent``) — or its shape r
 circle." with ``colour-first``, the control) — to the pretraining texts, and then also scores that form on the
 held-out scenes by the number of objects (the colour after "<s> [description] circle", or the shape after
 "... red": one of the scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
-description word its own embedding, not composed from its parts) vary the language model.
+description word its own embedding, not composed from its parts) vary the language model; ``--shape-scale``
+multiplies the shape part's weight in each composed description word (the others stay 1/sqrt(4)).
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=None, help="the language model's width (default: the demo's)")
     ap.add_argument("--plain-descriptions", action="store_true",
                     help="description words not composed from their parts")
+    ap.add_argument("--shape-scale", type=float, default=1.0,
+                    help="the shape part's weight in a composed description word, times this")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
+    from llavakit.demo import pretrain
     from llavakit.demo.backbones import train_tokenizer
     from llavakit.demo.pretrain import pretrain_language_model
     from llavakit.demo.run import DemoConfig, chat_texts, question_answer_text
@@ -81,6 +85,16 @@ def main() -> None:
             texts.append({"id": c["id"] + "-extra", "image": c["image"], "conversations": [
                 {"from": "human", "value": "<image>"},
                 {"from": "gpt", "value": " ".join("{} {}.".format(*statement(o)[:2]) for o in objects)}]})
+    if args.shape_scale != 1.0:
+        compose = pretrain._Composed.__init__
+
+        def scaled(self, tokenizer, parts, *rest):
+            compose(self, tokenizer, parts, *rest)
+            names = sorted({n for ps in parts.values() for n in ps})
+            for shape in SHAPES:
+                self.weights[:, names.index(shape)] *= args.shape_scale
+
+        pretrain._Composed.__init__ = scaled
     t0 = time.time()
     losses = pretrain_language_model(
         tok, [(r, describe(scenes[r["image"]])) for r in texts], out / "llm", hidden=cfg.lm_hidden,
