@@ -69,7 +69,7 @@ def draw(colour: str, pattern: str, quadrant: int, cfg: AnyResDemoConfig, rng: r
 
 def write_dataset(root: Path, cfg: AnyResDemoConfig, seed: int) -> dict:
     """Images, stage-2 records (three questions per image, in a random order) and held-out questions; with
-    each training image's square (colour, pattern, quadrant) for the tower's pretraining."""
+    each image's square (colour, pattern, quadrant)."""
     rng = random.Random(seed)
     images = root / "images"
     images.mkdir(parents=True)
@@ -79,11 +79,11 @@ def write_dataset(root: Path, cfg: AnyResDemoConfig, seed: int) -> dict:
         rel = f"{i:05d}.png"
         draw(colour, pattern, quadrant, cfg, rng).save(images / rel)
         answers = {"pattern": pattern, "colour": colour, "position": PLACES[quadrant]}
+        squares[rel] = (colour, pattern, quadrant)
         if i >= cfg.n_train:
             heldout += [{"question_id": f"{i}-{t}", "image": rel, "type": t, "text": q, "answer": answers[t]}
                         for t, q in QUESTIONS.items()]
             continue
-        squares[rel] = (colour, pattern, quadrant)
         kinds = list(QUESTIONS)
         rng.shuffle(kinds)
         conv = []
@@ -98,22 +98,31 @@ def write_dataset(root: Path, cfg: AnyResDemoConfig, seed: int) -> dict:
             "train": root / "train.json"}
 
 
-def tower_examples(squares: dict, image_root: Path, cfg: AnyResDemoConfig) -> tuple[list, np.ndarray]:
+def views_of(im: Image.Image, quadrant: int, cfg: AnyResDemoConfig) -> tuple[np.ndarray, Image.Image]:
+    """What the tower sees of an image: the base view (downscaled to ``tile`` px, uint8 (3, H, W)) and the
+    quadrant holding the square at full resolution (the AnyRes tile)."""
+    from llavakit.data.images import ImageTransform
+
+    base = ImageTransform(shortest_edge=cfg.tile, crop_hw=(cfg.tile, cfg.tile)).to_uint8(im)
+    y0, x0 = (quadrant // 2) * cfg.tile, (quadrant % 2) * cfg.tile
+    return base, im.crop((x0, y0, x0 + cfg.tile, y0 + cfg.tile))
+
+
+def tower_examples(data: dict, cfg: AnyResDemoConfig) -> tuple[list, np.ndarray]:
     """The tower's pretraining inputs and per-patch labels (colour, pattern, place): every training image as
-    the base view sees it (downscaled to ``tile`` px, one patch per quadrant; the pattern is not asked there:
-    -100), and the quadrant holding its square at full resolution, as an AnyRes tile (the square spans its
-    four patches)."""
+    the base view sees it (one patch per quadrant; the pattern is not asked there: -100), and the quadrant
+    holding its square at full resolution, as an AnyRes tile (the square spans its four patches)."""
     from llavakit.data.images import ImageTransform, open_image
 
-    view = ImageTransform(shortest_edge=cfg.tile, crop_hw=(cfg.tile, cfg.tile))
+    tile_input = ImageTransform(shortest_edge=cfg.tile, crop_hw=(cfg.tile, cfg.tile))
     pixels, labels = [], []
-    for rel, (colour, pattern, q) in squares.items():
-        im = open_image(image_root / rel)
+    for record in data["records"]:
+        colour, pattern, q = data["squares"][record["image"]]
+        base, tile = views_of(open_image(data["images"] / record["image"]), q, cfg)
         c, p = list(COLOURS).index(colour) + 1, PATTERNS.index(pattern) + 1
-        pixels.append(view.to_uint8(im))
+        pixels.append(base)
         labels.append([[c, -100, k] if k == q else [0, 0, k] for k in range(4)])
-        y0, x0 = (q // 2) * cfg.tile, (q % 2) * cfg.tile
-        pixels.append(view.to_uint8(im.crop((x0, y0, x0 + cfg.tile, y0 + cfg.tile))))
+        pixels.append(tile_input.to_uint8(tile))
         labels.append([[c, p, k] for k in range(4)])
     return pixels, np.array(labels)
 
@@ -129,7 +138,7 @@ def train_and_ask(out: Path, flags: dict, llm_dir: Path, clip_dir: Path, data: d
                   seed: int) -> dict:
     """Stage 2 from the backbones with ``flags``, then the held-out questions."""
     from llavakit.config import RunConfig
-    from llavakit.demo.run import evaluate
+    from llavakit.demo.run import evaluate, stop_if_interrupted
     from llavakit.infer.generate import Predictor
     from llavakit.train import run as train
 
@@ -142,9 +151,7 @@ def train_and_ask(out: Path, flags: dict, llm_dir: Path, clip_dir: Path, data: d
         mm_vision_select_layer=-2, dataloader_num_workers=0, report_to="none", seed=seed,
         disable_tqdm=True, save_strategy="no", logging_steps=25, group_by_modality_length=True,
         length_group_steps=8, **flags))
-    if run.stopped:
-        print("demo interrupted", flush=True)
-        raise SystemExit(130)
+    stop_if_interrupted(run)
     train_seconds = time.time() - t0
     res = evaluate(Predictor.from_pretrained(str(out)), data["heldout"], data["images"])
     return {"accuracy": round(res["accuracy"], 4),
@@ -162,7 +169,7 @@ def make_backbones(out: Path, data: dict, cfg: AnyResDemoConfig, seed: int, prog
     from llavakit.demo.pretrain import pretrain_vision
     from llavakit.demo.run import chat_texts
 
-    pixels, labels = tower_examples(data["squares"], data["images"], cfg)
+    pixels, labels = tower_examples(data, cfg)
     clip_dir, llm_dir = out / "clip", out / "llm"
     vision_losses = pretrain_vision(pixels, labels, clip_dir, image_size=cfg.tile, patch_size=cfg.patch,
                                     hidden=64, layers=4, steps=cfg.vision_steps,
@@ -177,9 +184,8 @@ def make_backbones(out: Path, data: dict, cfg: AnyResDemoConfig, seed: int, prog
 def write_views(path: Path, data: dict, cfg: AnyResDemoConfig, per_pattern: int = 2) -> None:
     """``views.png``: held-out images of each pattern as the files hold them, as the base view sees them (what
     the tower gets, at the file's scale) and the AnyRes tile holding the square, each enlarged 4×."""
-    from llavakit.data.images import ImageTransform, open_image
+    from llavakit.data.images import open_image
 
-    view = ImageTransform(shortest_edge=cfg.tile, crop_hw=(cfg.tile, cfg.tile))
     picked: dict[str, list[str]] = {p: [] for p in PATTERNS}
     for q in data["heldout"]:
         if q["type"] == "pattern" and len(picked[q["answer"]]) < per_pattern:
@@ -189,10 +195,8 @@ def write_views(path: Path, data: dict, cfg: AnyResDemoConfig, per_pattern: int 
     sheet = Image.new("RGB", (3 * size * zoom + 4 * gap, len(rows) * (size * zoom + gap) + gap), "white")
     for r, rel in enumerate(rows):
         im = open_image(data["images"] / rel)
-        base = Image.fromarray(view.to_uint8(im).transpose(1, 2, 0)).resize((size, size), Image.NEAREST)
-        q = PLACES.index(next(x["answer"] for x in data["heldout"] if x["image"] == rel and x["type"] == "position"))
-        y0, x0 = (q // 2) * cfg.tile, (q % 2) * cfg.tile
-        tile = im.crop((x0, y0, x0 + cfg.tile, y0 + cfg.tile)).resize((size, size), Image.NEAREST)
+        base, tile = views_of(im, data["squares"][rel][2], cfg)
+        base = Image.fromarray(base.transpose(1, 2, 0))
         for c, part in enumerate((im, base, tile)):
             sheet.paste(part.resize((size * zoom, size * zoom), Image.NEAREST),
                         (gap + c * (size * zoom + gap), gap + r * (size * zoom + gap)))

@@ -309,7 +309,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
                   dataloader_num_workers=0, report_to="none", seed=seed, disable_tqdm=True)
     p.step("3/5 stage 1: feature alignment (projector only, --version plain)", "stage1")
     s1 = out / "stage1"
-    _stop_if_interrupted(train(RunConfig.from_options(
+    stop_if_interrupted(train(RunConfig.from_options(
         **common, version="plain", data_path=files["captions"], tune_mm_mlp_adapter=True, output_dir=s1,
         num_train_epochs=cfg.stage1_epochs, per_device_train_batch_size=cfg.stage1_batch,
         learning_rate=cfg.stage1_lr, logging_steps=5)))
@@ -339,7 +339,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
 
     p.step("3/5 stage 2: visual instruction tuning (projector + LLM, --version v1)", "stage2")
     s2 = out / "stage2"
-    _stop_if_interrupted(train(RunConfig.from_options(
+    stop_if_interrupted(train(RunConfig.from_options(
         **common, version="v1", data_path=files["instruct"], pretrain_mm_mlp_adapter=s1 / "mm_projector.bin",
         image_aspect_ratio="pad", group_by_modality_length=True, length_group_steps=cfg.length_group_steps,
         packing=cfg.packing, output_dir=s2,
@@ -392,7 +392,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     return summary
 
 
-def _stop_if_interrupted(result) -> None:
+def stop_if_interrupted(result) -> None:
     """Ctrl-C during a stage: the stage saved a checkpoint and stopped; the demo stops too."""
     if result.stopped:
         print("demo interrupted", flush=True)
