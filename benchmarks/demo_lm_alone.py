@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
@@ -35,9 +36,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="language-model steps (default: the demo's)")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--extra", choices=("is", "adjacent", "colour-first"), default=None,
+    ap.add_argument("--extra", choices=("is", "adjacent", "colour-first", "mixed"), default=None,
                     help="add a text per scene naming each object's colour after its shape (or its shape after its "
                          "colour)")
+    ap.add_argument("--extra-order", choices=("place", "random"), default="place",
+                    help="the added text's objects in quadrant order (as captions) or in a random order")
     ap.add_argument("--hidden", type=int, default=None, help="the language model's width (default: the demo's)")
     ap.add_argument("--plain-descriptions", action="store_true",
                     help="description words not composed from their parts")
@@ -68,7 +71,7 @@ def main() -> None:
 
     def statement(o) -> tuple[str, str, tuple[str, ...]]:
         """The added form for an object: its beginning, the word that follows, and that word's choices."""
-        if args.extra == "colour-first":
+        if args.extra == "colour-first" or (args.extra == "mixed" and order.random() < 0.5):
             return o.colour, o.shape, SHAPES
         return (f"The {o.shape} is" if args.extra == "is" else o.shape), o.colour, tuple(COLOURS)
     steps = args.steps or cfg.lm_steps
@@ -80,8 +83,11 @@ def main() -> None:
     tok.add_tokens(list(DESCRIPTION_WORDS))
     texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
     if args.extra:
+        order = random.Random(args.seed)
         for c in data["captions"]:
             objects = sorted(scenes[c["image"]].objects, key=lambda o: PLACES.index(o.place))
+            if args.extra_order == "random":
+                order.shuffle(objects)
             texts.append({"id": c["id"] + "-extra", "image": c["image"], "conversations": [
                 {"from": "human", "value": "<image>"},
                 {"from": "gpt", "value": " ".join("{} {}.".format(*statement(o)[:2]) for o in objects)}]})

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llavakit.demo.scenes import ANSWER_SETS, chance_accuracy, describe, named_objects, write_dataset
+from llavakit.demo.scenes import (
+    ANSWER_SETS,
+    chance_accuracy,
+    describe,
+    named_objects,
+    pairs_text,
+    write_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,9 @@ class DemoConfig:
     # each description word's embedding is the sum of its parts' (place, size, colour, shape) while the
     # language model learns to read them
     lm_composed_descriptions: bool = True
+    # one more text per training scene: its objects in a random order as colour-shape / shape-colour pairs
+    # (scenes.pairs_text), so that finding an object by its shape is something pretraining teaches
+    lm_pairs: bool = True
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
@@ -164,6 +174,14 @@ def caption_accuracy(predictor, images: list[str], scenes: dict, image_root: Pat
             "chance": 1 / (len(COLOURS) * len(SHAPES)), "objects": total, "examples": examples}
 
 
+def text_after_image(id_: str, image: str, text: str) -> dict:
+    """A record whose whole text follows its image (``plain``)."""
+    from llavakit import IMAGE_PLACEHOLDER
+
+    return {"id": id_, "image": image,
+            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
+
+
 def question_answer_text(record: dict) -> dict:
     """A conversation about an image as one text after the image (``plain``): "Q? A. Q? A." — for the
     language model's pretraining, where the image is a description."""
@@ -171,8 +189,7 @@ def question_answer_text(record: dict) -> dict:
 
     turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in record["conversations"]]
     text = " ".join(f"{q} {a.rstrip('.')}." for q, a in zip(turns[::2], turns[1::2]))
-    return {"id": record.get("id"), "image": record["image"],
-            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
+    return text_after_image(record.get("id"), record["image"], text)
 
 
 #: a prompt in the format of :func:`question_answer_text` (the image, then the question), for asking the
@@ -282,6 +299,10 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
     texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
+    if cfg.lm_pairs:
+        pairs_rng = random.Random(seed + 1)
+        texts += [text_after_image(c["id"] + "-pairs", c["image"], pairs_text(scenes[c["image"]], pairs_rng))
+                  for c in data["captions"]]
     examples = [(r, describe(scenes[r["image"]])) for r in texts]
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,

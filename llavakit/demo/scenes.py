@@ -236,6 +236,20 @@ def describe(scene: Scene) -> list[str]:
     return [_word(p, by_place.get(p)) for p in PLACES]
 
 
+def pairs_text(scene: Scene, rng: random.Random) -> str:
+    """The scene's objects in a random order, each as two words: its colour then its shape, or its shape then
+    its colour, at random ("circle red. blue square.").
+
+    Text for the language model's pretraining, after the scene's description: each second word is found by
+    looking the first up in the description — by colour or by shape, in no order the description's own
+    (quadrant) order gives away. Captions, in quadrant order, can be written by keeping one's place in the
+    description instead; questions ("What colour is the circle?") cannot.
+    """
+    objects = list(scene.objects)
+    rng.shuffle(objects)
+    return " ".join(f"{o.colour} {o.shape}." if rng.random() < 0.5 else f"{o.shape} {o.colour}." for o in objects)
+
+
 def named_objects(scene: Scene, text: str) -> int:
     """How many of the scene's objects ``text`` names by their colour and shape together ("red circle")."""
     words = " ".join(text.lower().replace(".", " ").replace(",", " ").split())
