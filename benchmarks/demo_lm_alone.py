@@ -41,6 +41,9 @@ def main() -> None:
                          "colour)")
     ap.add_argument("--extra-order", choices=("place", "random"), default="place",
                     help="the added text's objects in quadrant order (as captions) or in a random order")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the language model's peak learning rate")
+    ap.add_argument("--batch", type=int, default=None, help="texts per step (default: the demo's)")
+    ap.add_argument("--no-object-lists", action="store_true", help="without the object lists (as before)")
     ap.add_argument("--hidden", type=int, default=None, help="the language model's width (default: the demo's)")
     ap.add_argument("--plain-descriptions", action="store_true",
                     help="description words not composed from their parts")
@@ -81,7 +84,9 @@ def main() -> None:
     corpus = chat_texts(instruct) + [c["conversations"][1]["value"] for c in data["captions"]]
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
-    texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
+    texts = data["captions"] + data["object_lists"] + [question_answer_text(r) for r in instruct if "image" in r]
+    if args.no_object_lists:
+        texts = [t for t in texts if not t["id"].startswith("objects-")]
     if args.extra:
         order = random.Random(args.seed)
         for c in data["captions"]:
@@ -104,7 +109,7 @@ def main() -> None:
     t0 = time.time()
     losses = pretrain_language_model(
         tok, [(r, describe(scenes[r["image"]])) for r in texts], out / "llm", hidden=cfg.lm_hidden,
-        layers=cfg.lm_layers, steps=steps, image_tokens=4, batch=cfg.lm_batch, seed=args.seed,
+        layers=cfg.lm_layers, steps=steps, image_tokens=4, batch=args.batch or cfg.lm_batch, seed=args.seed, lr=args.lr,
         parts={w: description_parts(w) for w in DESCRIPTION_WORDS} if cfg.lm_composed_descriptions else None)
     print(f"pretraining {time.time() - t0:.0f} s; loss every 100 steps:",
           [round(losses[i], 3) for i in range(99, steps, 100)])

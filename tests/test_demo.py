@@ -131,6 +131,61 @@ def test_some_training_negatives_need_binding(tmp_path):
     assert binding >= 20
 
 
+def test_object_lists_name_each_object_once_in_no_fixed_order(tmp_path):
+    """Stage 1's second kind of caption: every object once, its colour and shape side by side in either order,
+    the objects in an order that is not the quadrants' — so that writing it means finding an object by its
+    colour or by its shape, which a caption in quadrant order never asks."""
+    from llavakit.demo.scenes import PLACES, SHAPES
+
+    data = write_dataset(tmp_path, 200, 1, 56, seed=0)
+    stage1 = json.loads((tmp_path / "captions.json").read_text())
+    assert stage1 == data["captions"] + data["object_lists"] and len(stage1) == 400
+    assert [r["image"] for r in data["object_lists"]] == [r["image"] for r in data["captions"]]
+    out_of_place_order = shape_first = colour_first = 0
+    for record in data["object_lists"]:
+        scene = data["scenes"][record["image"]]
+        items = [tuple(x.split()) for x in record["conversations"][1]["value"].rstrip(".").split(". ")]
+        assert sorted(sorted(i) for i in items) == sorted(sorted((o.colour, o.shape)) for o in scene.objects)
+        places = [next(o.place for o in scene.objects if o.colour in i) for i in items]
+        out_of_place_order += places != sorted(places, key=PLACES.index)
+        shape_first += sum(i[0] in SHAPES for i in items)
+        colour_first += sum(i[0] not in SHAPES for i in items)
+    assert out_of_place_order > 50 and shape_first > 100 and colour_first > 100
+
+
+def test_language_model_texts_are_packed_without_seeing_each_other():
+    """The language model's pretraining packs its texts into rows (positions restart per text): the loss is the
+    padded batch's, and no text's first token is predicted from the text before it."""
+    import torch
+
+    from llavakit.demo.backbones import new_llama, train_tokenizer
+    from llavakit.demo.pretrain import _packed
+
+    tok = train_tokenizer(["a red circle at the top left", "a blue square"] * 50, vocab_size=60,
+                          extra_special_tokens=[])
+    model = new_llama(tok, 64, 2, 2, 128).eval()
+    gen = torch.Generator().manual_seed(0)
+    texts = []
+    for n in (5, 17, 9, 30, 12, 3, 22):
+        ids = torch.randint(3, len(tok), (n,), generator=gen)
+        labels = ids.clone()
+        labels[: n // 3] = -100
+        texts.append((ids, labels))
+    ids, labels, positions = _packed(texts, 40)
+    assert ids.shape[0] == 3 and ids.shape[1] <= 40  # 98 tokens in rows of at most 40
+    starts = (positions == 0).nonzero().tolist()
+    assert all(labels[r, c] == -100 for r, c in starts)
+    length = max(len(t[0]) for t in texts)
+    pad_ids, pad_labels = torch.zeros(len(texts), length, dtype=torch.long), torch.full((len(texts), length), -100)
+    mask = torch.zeros_like(pad_ids)
+    for b, (i, lab) in enumerate(texts):
+        pad_ids[b, :len(i)], pad_labels[b, :len(i)], mask[b, :len(i)] = i, lab, 1
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
+        padded = model(input_ids=pad_ids, attention_mask=mask, labels=pad_labels).loss
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
 def test_descriptions_are_one_token_per_quadrant_and_captions_follow_the_quadrants(tmp_path):
     """The language model's pretraining reads one word per quadrant where the image's 4 tokens will be; a
     caption lists the objects from the top left to the bottom right, so the description decides it."""

@@ -78,6 +78,7 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         ids[where] = torch.tensor(words, dtype=torch.long)
         rows.append((ids, torch.tensor(enc.labels)))
     gen = torch.Generator().manual_seed(seed)
+    pack_length = max(128, max(len(r[0]) for r in rows))
     composed = _Composed(tokenizer, parts, model.config.hidden_size, model.config.initializer_range, seed) \
         if parts else None
     params = [*model.parameters(), *(composed.parameters() if composed else ())]
@@ -88,17 +89,11 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
         picked = [rows[k] for k in torch.randint(0, len(rows), (batch,), generator=gen).tolist()]
-        length = max(len(r[0]) for r in picked)
-        ids = torch.zeros(batch, length, dtype=torch.long)
-        labels = torch.full((batch, length), -100)
-        mask = torch.zeros(batch, length, dtype=torch.long)
-        for b, (row_ids, row_labels) in enumerate(picked):
-            ids[b, :len(row_ids)], labels[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, row_labels, 1
-        if composed is None:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        else:
-            embeds = composed(ids, model.get_input_embeddings()(ids))
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        ids, labels, positions = _packed(picked, pack_length)
+        embeds = model.get_input_embeddings()(ids)
+        if composed is not None:
+            embeds = composed(ids, embeds)
+        loss = model(inputs_embeds=embeds, position_ids=positions, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -110,6 +105,30 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         composed.write_into(model.get_input_embeddings())
     save_llama(model, tokenizer, out)
     return losses
+
+
+def _packed(texts: list[tuple[torch.Tensor, torch.Tensor]], length: int):
+    """Texts (ids, labels) packed into rows of at most ``length`` tokens: positions restart at 0 for every text,
+    which makes the attention block-diagonal (no text sees another); labels -100 past the texts. A batch of
+    these texts, most short and a few long, padded to its longest would be mostly padding. Each text's first
+    label is -100: it is not predicted from the text before it."""
+    from llavakit.data.collate import pack_rows
+
+    rows = pack_rows([len(t[0]) for t in texts], length)
+    width = max(sum(len(texts[i][0]) for i in row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(texts[i][0])
+            ids[r, at:at + n], labels[r, at:at + n] = texts[i]
+            labels[r, at] = -100  # not predicted from the text before it
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the rest is a sequence of its own
+    return ids, labels, positions
 
 
 class _Composed(torch.nn.Module):

@@ -1,10 +1,11 @@
 """``llavakit demo``: train a tiny LLaVA end to end on a CPU and show that it learned.
 
-1. synthetic scenes → real image files and LLaVA records (captions, multi-turn QA, text-only, held-out);
-2. backbones made on the spot: a tokenizer and a small chat Llama trained on the demo's text (its
-   conversations in the Vicuna v1 format and its captions, each image replaced by a description the model
-   learns to read, as a real LLM reads text), a small CLIP vision tower pretrained on the demo images — all
-   saved with ``save_pretrained``;
+1. synthetic scenes → real image files and LLaVA records (captions and object lists, multi-turn QA, text-only,
+   held-out);
+2. backbones made on the spot: a tokenizer trained on the demo's text, a small Llama pretrained on it (its
+   captions, object lists and question-answer texts, each image replaced by a description the model learns
+   to read, as a real LLM reads text), a small CLIP vision tower pretrained on the demo images — all saved
+   with ``save_pretrained``;
 3. stage 1 and stage 2 through ``llavakit train`` with the original's flags (same code path as a real run);
 4. after stage 1: captions of held-out images (do they name each object's colour and shape?); held-out
    exact-match accuracy per question type for the stage-1-only model and the final model, against chance;
@@ -33,7 +34,6 @@ from llavakit.demo.scenes import (
     chance_accuracy,
     describe,
     named_objects,
-    pairs_text,
     write_dataset,
 )
 
@@ -50,25 +50,25 @@ class DemoConfig:
     vocab_size: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
-    # half of these steps are captions, half question-answer texts; reading the descriptions forms abruptly,
-    # and at a seed's own pace: with composed descriptions (below), seed 2's stage-1 captions name 0.99 of the
-    # objects after 700 steps, seed 1's 0.86 (0.38 with PyTorch's AVX2 kernels) — measured
-    lm_steps: int = 700
-    lm_batch: int = 32
+    # a third of the texts are captions, a third object lists, a third question-answer texts, packed into rows;
+    # reading the descriptions (and finding an object by its shape) forms abruptly, at a seed's own pace: seed 1
+    # answers colour questions 0.69-0.995 by itself after 600 steps of 64 texts (by kernels; seed 0 0.695),
+    # 1.00 after 1,000 — measured (benchmarks/demo_lm_alone.py)
+    lm_steps: int = 1000
+    lm_batch: int = 64
     # each description word's embedding is the sum of its parts' (place, size, colour, shape) while the
     # language model learns to read them
     lm_composed_descriptions: bool = True
-    # one more text per training scene: its objects in a random order as colour-shape / shape-colour pairs
-    # (scenes.pairs_text), so that finding an object by its shape is something pretraining teaches
-    lm_pairs: bool = True
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_steps: int = 400
-    # stage 1 at LLaVA-1.5's rate; 3 epochs of 3,000 captions: the caption loss reaches 0.004
-    stage1_epochs: int = 3
+    # stage 1 at LLaVA-1.5's rate; one epoch of 3,000 captions and 3,000 object lists
+    stage1_epochs: int = 1
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
-    stage2_epochs: int = 9
+    # the stage-1 model already answers most questions (as its language model read them); stage 2 teaches the
+    # chat format and the rest
+    stage2_epochs: int = 3
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     # --mm_projector_lr: the projector moves slowly while the language model learns to read it; at the
@@ -80,7 +80,7 @@ class DemoConfig:
     length_group_steps: int = 8
 
 
-QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=400, vision_steps=80, stage2_epochs=4)
+QUICK = DemoConfig(n_train=1000, n_test=40, lm_steps=250, vision_steps=80, stage2_epochs=3)
 
 
 class Progress:
@@ -174,14 +174,6 @@ def caption_accuracy(predictor, images: list[str], scenes: dict, image_root: Pat
             "chance": 1 / (len(COLOURS) * len(SHAPES)), "objects": total, "examples": examples}
 
 
-def text_after_image(id_: str, image: str, text: str) -> dict:
-    """A record whose whole text follows its image (``plain``)."""
-    from llavakit import IMAGE_PLACEHOLDER
-
-    return {"id": id_, "image": image,
-            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
-
-
 def question_answer_text(record: dict) -> dict:
     """A conversation about an image as one text after the image (``plain``): "Q? A. Q? A." — for the
     language model's pretraining, where the image is a description."""
@@ -189,7 +181,8 @@ def question_answer_text(record: dict) -> dict:
 
     turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in record["conversations"]]
     text = " ".join(f"{q} {a.rstrip('.')}." for q, a in zip(turns[::2], turns[1::2]))
-    return text_after_image(record.get("id"), record["image"], text)
+    return {"id": record.get("id"), "image": record["image"],
+            "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": text}]}
 
 
 #: a prompt in the format of :func:`question_answer_text` (the image, then the question), for asking the
@@ -277,7 +270,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     files = data["files"]
     heldout = [json.loads(x) for x in Path(files["heldout"]).read_text().splitlines()]
     instruct, scenes = data["instruct"], data["scenes"]
-    print(f"    {len(data['captions'])} caption records, {len(instruct)} instruction records, "
+    print(f"    {len(data['captions'])} captions and {len(data['object_lists'])} object lists (stage 1), "
+          f"{len(instruct)} instruction records, "
           f"{len(heldout)} held-out questions", flush=True)
 
     p.step("2/5 backbones: tokenizer, language model (pretrained on text), CLIP vision tower (on images)",
@@ -293,16 +287,12 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, cfg: DemoCo
     )
 
     # the language model reads text as Vicuna does: here, a description of a scene (one word per quadrant, put
-    # where the image's tokens will be) followed by its caption, or by questions about it and their answers;
-    # the tokenizer is trained on the demo's text
+    # where the image's tokens will be) followed by its caption, its object list, or questions about it and their
+    # answers; the tokenizer is trained on the demo's text
     corpus = chat_texts(instruct) + [c["conversations"][1]["value"] for c in data["captions"]]
     tok = train_tokenizer(corpus * 2, vocab_size=cfg.vocab_size, extra_special_tokens=[])
     tok.add_tokens(list(DESCRIPTION_WORDS))
-    texts = data["captions"] + [question_answer_text(r) for r in instruct if "image" in r]
-    if cfg.lm_pairs:
-        pairs_rng = random.Random(seed + 1)
-        texts += [text_after_image(c["id"] + "-pairs", c["image"], pairs_text(scenes[c["image"]], pairs_rng))
-                  for c in data["captions"]]
+    texts = data["captions"] + data["object_lists"] + [question_answer_text(r) for r in instruct if "image" in r]
     examples = [(r, describe(scenes[r["image"]])) for r in texts]
     llm_dir, clip_dir = out / "backbones" / "llm", out / "backbones" / "clip"
     lm_losses = pretrain_language_model(tok, examples, llm_dir, hidden=cfg.lm_hidden, layers=cfg.lm_layers,

@@ -2,7 +2,8 @@
 records.
 
 A scene holds one to three objects, each with its own colour, its own shape, a size and a place (one of
-four quadrants). Stage-1 records caption the scene; stage-2 records ask several questions about it (colour,
+four quadrants). Stage-1 records caption the scene (a sentence in quadrant order, or a list of its objects in
+a random order); stage-2 records ask several questions about it (colour,
 shape, count, position, yes/no), and a few text-only records keep the text-only path exercised. Every
 question has one unambiguous one-word answer, so held-out accuracy is exact match.
 """
@@ -153,7 +154,8 @@ def _conv(*turns: str) -> list[dict]:
 
 
 def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
-    """Write images and the stage-1 / stage-2 / held-out record files under ``root``."""
+    """Write images and the stage-1 (``captions.json``: captions, then object lists) / stage-2 / held-out record
+    files under ``root``."""
     root = Path(root)
     rng = random.Random(seed)
     (root / "images" / "train").mkdir(parents=True, exist_ok=True)
@@ -187,12 +189,19 @@ def write_dataset(root: str | Path, n_train: int, n_test: int, image_size: int, 
                 for k, (qtype, q, a) in enumerate(questions(scene, rng)):
                     heldout.append({"question_id": f"{i}-{k}", "image": rel, "type": qtype, "text": q,
                                     "answer": a})
+    # a second kind of caption per training image, an object list (its own generator: the scenes, captions and
+    # questions above do not depend on it)
+    list_rng = random.Random(seed + 1)
+    object_lists = [{"id": f"objects-{c['id'].split('-')[1]}", "image": c["image"],
+                     "conversations": _conv("<image>\nList the objects.", object_list(scenes[c["image"]], list_rng))}
+                    for c in captions]
     files = {"captions": root / "captions.json", "instruct": root / "instruct.json",
              "heldout": root / "heldout.jsonl", "images": root / "images"}
-    files["captions"].write_text(json.dumps(captions, indent=1))
+    files["captions"].write_text(json.dumps(captions + object_lists, indent=1))
     files["instruct"].write_text(json.dumps(instruct, indent=1))
     files["heldout"].write_text("".join(json.dumps(q) + "\n" for q in heldout))
-    return {"files": {k: str(v) for k, v in files.items()}, "captions": captions, "instruct": instruct,
+    return {"files": {k: str(v) for k, v in files.items()}, "captions": captions, "object_lists": object_lists,
+            "instruct": instruct,
             "scenes": scenes}
 
 
@@ -236,14 +245,15 @@ def describe(scene: Scene) -> list[str]:
     return [_word(p, by_place.get(p)) for p in PLACES]
 
 
-def pairs_text(scene: Scene, rng: random.Random) -> str:
+def object_list(scene: Scene, rng: random.Random) -> str:
     """The scene's objects in a random order, each as two words: its colour then its shape, or its shape then
     its colour, at random ("circle red. blue square.").
 
-    Text for the language model's pretraining, after the scene's description: each second word is found by
-    looking the first up in the description — by colour or by shape, in no order the description's own
-    (quadrant) order gives away. Captions, in quadrant order, can be written by keeping one's place in the
-    description instead; questions ("What colour is the circle?") cannot.
+    A second kind of caption (stage 1's data and the language model's texts): each second word is found by
+    looking the first up in the image (or its description) — by colour or by shape, in an order the quadrants
+    do not give away. A caption in quadrant order can be written by keeping one's place instead, and never
+    asks to find an object by its shape; "What colour is the circle?" does (measured: without these lists the
+    language model's pretraining did not teach it).
     """
     objects = list(scene.objects)
     rng.shuffle(objects)
