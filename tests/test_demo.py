@@ -273,6 +273,24 @@ def test_composed_descriptions_share_their_parts_and_train(tmp_path):
     assert not torch.allclose(row("lm0", used), row("lm3", used))  # trained
 
 
+def test_language_model_pretraining_is_deterministic(tmp_path):
+    """Two pretrainings with one seed give the same losses, bit for bit (composed descriptions included: their
+    gradient is a product's, not an indexed write's, which threads add up in no fixed order)."""
+    from llavakit.demo.backbones import train_tokenizer
+    from llavakit.demo.pretrain import pretrain_language_model
+    from llavakit.demo.scenes import DESCRIPTION_WORDS, describe, description_parts
+
+    data = write_dataset(tmp_path / "d", 200, 1, 56, seed=0)
+    tok = train_tokenizer([c["conversations"][1]["value"] for c in data["captions"]], vocab_size=200,
+                          extra_special_tokens=[])
+    tok.add_tokens(list(DESCRIPTION_WORDS))
+    examples = [(r, describe(data["scenes"][r["image"]])) for r in data["captions"] + data["object_lists"]]
+    parts = {w: description_parts(w) for w in DESCRIPTION_WORDS}
+    runs = [pretrain_language_model(tok, examples, tmp_path / f"lm{k}", hidden=128, layers=1, steps=30,
+                                    image_tokens=4, batch=64, parts=parts) for k in range(2)]
+    assert runs[0] == runs[1]
+
+
 # ---- llavakit demo --anyres ----------------------------------------------------------------------------
 def test_anyres_demo_patterns_vanish_in_the_base_view_and_stay_in_the_tiles():
     """The demo's premise, through the training transforms: the three patterns (same colour, place, grey and

@@ -158,9 +158,10 @@ class _Composed(torch.nn.Module):
     def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         rows = self.row_of[ids]
         where = rows >= 0
-        embeds = embeds.clone()
-        embeds[where] = self.table()[rows[where]]
-        return embeds
+        # a one-hot product, not an indexed write: the backward of indexing adds into rows from parallel
+        # threads in no fixed order on a CPU (runs then differ in the last bits); a product's does not
+        picks = torch.nn.functional.one_hot(rows.clamp(min=0), len(self.word_ids)).to(embeds.dtype)
+        return torch.where(where[..., None], picks @ self.table(), embeds)
 
     @torch.no_grad()
     def write_into(self, embedding: torch.nn.Embedding) -> None:
