@@ -1,8 +1,9 @@
 """What the demo's pretrained language model answers by itself, given the true descriptions of the held-out
 scenes (no image, no projector): the ceiling stage 1 can align to, per question type.
 
-    python benchmarks/demo_lm_alone.py --seed 1 --steps 700 --output /tmp/lm-alone \
-        [--extra is|adjacent|colour-first] [--hidden 256] [--plain-descriptions] [--shape-scale 2]
+    python benchmarks/demo_lm_alone.py --seed 1 --output /tmp/lm-alone [--steps 1000] [--batch 64] [--lr 3e-3] \
+        [--no-object-lists] [--extra is|adjacent|colour-first|mixed] [--extra-order place|random] [--hidden 256] \
+        [--plain-descriptions] [--shape-scale 2]
 
 Makes the demo's data, tokenizer and language model exactly as ``llavakit demo --seed S`` does (with
 ``--steps`` language-model steps), then for every held-out colour, shape and position question scores each of
@@ -10,11 +11,13 @@ its type's answers by the model's log-likelihood after ``<s> [description words]
 question-answer texts' format in pretraining) and counts the likeliest. Prints the pretraining loss every
 100 steps and the accuracy per type.
 
-``--extra`` adds one text per training scene that names each object's colour right after its shape ("The
-circle is red." with ``is``, "circle red." with ``adjacent``) — or its shape right after its colour ("red
-circle." with ``colour-first``, the control) — to the pretraining texts, and then also scores that form on the
-held-out scenes by the number of objects (the colour after "<s> [description] circle", or the shape after
-"... red": one of the scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
+The texts are the demo's (captions, object lists, question-answer texts; ``--no-object-lists`` leaves the object
+lists out). ``--extra`` adds one text per training scene that names each object's colour right after its shape
+("The circle is red." with ``is``, "circle red." with ``adjacent``) — or its shape right after its colour ("red
+circle." with ``colour-first``), or either at random (``mixed``) — with the objects in quadrant order or, with
+``--extra-order random``, in a random order, and then also scores that form on the held-out scenes by the
+number of objects (the colour after "<s> [description] circle", or the shape after "... red": one of the
+scene's colours at random scores 1 / 0.5 / 0.33). ``--hidden`` and ``--plain-descriptions`` (each
 description word its own embedding, not composed from its parts) vary the language model; ``--shape-scale``
 multiplies the shape part's weight in each composed description word (the others stay 1/sqrt(4)).
 """

@@ -43,7 +43,8 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
     ``template``, and its description — ``image_tokens`` words (one token each), put where the image's tokens
     will be. The model learns to read such a prefix as a real LLM reads text; stage 1 then teaches the
     projector to write what the model already reads. Supervised: the assistant's turns (the template's labels).
-    The tokenizer is saved as it came (no image token), with the model.
+    Each step takes ``batch`` texts at random, packed into rows (see ``_packed``). The tokenizer is saved as it
+    came (no image token), with the model.
 
     ``parts`` (description word → the names of its parts, e.g. place, size, colour, shape) composes each such
     word's input embedding from its parts' during training, as a real LLM composes a phrase from its words:

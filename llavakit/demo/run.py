@@ -29,13 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llavakit.demo.scenes import (
-    ANSWER_SETS,
-    chance_accuracy,
-    describe,
-    named_objects,
-    write_dataset,
-)
+from llavakit.demo.scenes import ANSWER_SETS, chance_accuracy, describe, named_objects, write_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ records.
 
 A scene holds one to three objects, each with its own colour, its own shape, a size and a place (one of
 four quadrants). Stage-1 records caption the scene (a sentence in quadrant order, or a list of its objects in
-a random order); stage-2 records ask several questions about it (colour,
-shape, count, position, yes/no), and a few text-only records keep the text-only path exercised. Every
-question has one unambiguous one-word answer, so held-out accuracy is exact match.
+a random order); stage-2 records ask several questions about it (colour, shape, count, position, yes/no), and
+a few text-only records keep the text-only path exercised. Every question has one unambiguous one-word answer,
+so held-out accuracy is exact match.
 """
 
 from __future__ import annotations
