@@ -158,8 +158,8 @@ def test_language_model_texts_are_packed_without_seeing_each_other():
     padded batch's, and no text's first token is predicted from the text before it."""
     import torch
 
+    from llavakit.data.collate import LlavaCollator
     from llavakit.demo.backbones import new_llama, train_tokenizer
-    from llavakit.demo.pretrain import _packed
 
     tok = train_tokenizer(["a red circle at the top left", "a blue square"] * 50, vocab_size=60,
                           extra_special_tokens=[])
@@ -171,7 +171,9 @@ def test_language_model_texts_are_packed_without_seeing_each_other():
         labels = ids.clone()
         labels[: n // 3] = -100
         texts.append((ids, labels))
-    ids, labels, positions = _packed(texts, 40)
+    packed = LlavaCollator(pad_token_id=0, packing=True, packing_max_length=40)(
+        [{"input_ids": i, "labels": lab} for i, lab in texts])  # as pretrain_language_model packs them
+    ids, labels, positions = packed["input_ids"], packed["labels"], packed["position_ids"]
     assert ids.shape[0] == 3 and ids.shape[1] <= 40  # 98 tokens in rows of at most 40
     starts = (positions == 0).nonzero().tolist()
     assert all(labels[r, c] == -100 for r, c in starts)

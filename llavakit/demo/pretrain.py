@@ -43,7 +43,7 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
     ``template``, and its description — ``image_tokens`` words (one token each), put where the image's tokens
     will be. The model learns to read such a prefix as a real LLM reads text; stage 1 then teaches the
     projector to write what the model already reads. Supervised: the assistant's turns (the template's labels).
-    Each step takes ``batch`` texts at random, packed into rows (see ``_packed``). The tokenizer is saved as it
+    Each step takes ``batch`` texts at random, packed into rows. The tokenizer is saved as it
     came (no image token), with the model.
 
     ``parts`` (description word → the names of its parts, e.g. place, size, colour, shape) composes each such
@@ -54,6 +54,7 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
     """
     import copy
 
+    from llavakit.data.collate import LlavaCollator
     from llavakit.data.records import InvalidRecordsError, check_record
     from llavakit.data.templates import get_template
     from llavakit.data.tokenize import ConversationEncoder
@@ -79,7 +80,10 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         ids[where] = torch.tensor(words, dtype=torch.long)
         rows.append((ids, torch.tensor(enc.labels)))
     gen = torch.Generator().manual_seed(seed)
-    pack_length = max(128, max(len(r[0]) for r in rows))
+    # most texts are short and a few long: a batch padded to its longest would be mostly padding, so the texts
+    # go into rows as training packs them (positions restart per text: no text sees another, nor predicts its
+    # first token from the one before)
+    pack = LlavaCollator(pad_token_id=0, packing=True, packing_max_length=max(128, max(len(r[0]) for r in rows)))
     composed = _Composed(tokenizer, parts, model.config.hidden_size, model.config.initializer_range, seed) \
         if parts else None
     params = [*model.parameters(), *(composed.parameters() if composed else ())]
@@ -89,12 +93,14 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
-        picked = [rows[k] for k in torch.randint(0, len(rows), (batch,), generator=gen).tolist()]
-        ids, labels, positions = _packed(picked, pack_length)
+        picked = pack([{"input_ids": rows[k][0], "labels": rows[k][1]}
+                       for k in torch.randint(0, len(rows), (batch,), generator=gen).tolist()])
+        ids = picked["input_ids"]
         embeds = model.get_input_embeddings()(ids)
         if composed is not None:
             embeds = composed(ids, embeds)
-        loss = model(inputs_embeds=embeds, position_ids=positions, labels=labels, use_cache=False).loss
+        loss = model(inputs_embeds=embeds, position_ids=picked["position_ids"], labels=picked["labels"],
+                     use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -106,30 +112,6 @@ def pretrain_language_model(tokenizer, examples: list[tuple[dict, list[str]]], o
         composed.write_into(model.get_input_embeddings())
     save_llama(model, tokenizer, out)
     return losses
-
-
-def _packed(texts: list[tuple[torch.Tensor, torch.Tensor]], length: int):
-    """Texts (ids, labels) packed into rows of at most ``length`` tokens: positions restart at 0 for every text,
-    which makes the attention block-diagonal (no text sees another); labels -100 past the texts. A batch of
-    these texts, most short and a few long, padded to its longest would be mostly padding. Each text's first
-    label is -100: it is not predicted from the text before it."""
-    from llavakit.data.collate import pack_rows
-
-    rows = pack_rows([len(t[0]) for t in texts], length)
-    width = max(sum(len(texts[i][0]) for i in row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n = len(texts[i][0])
-            ids[r, at:at + n], labels[r, at:at + n] = texts[i]
-            labels[r, at] = -100  # not predicted from the text before it
-            positions[r, at:at + n] = torch.arange(n)
-            at += n
-        positions[r, at:] = torch.arange(width - at)  # the rest is a sequence of its own
-    return ids, labels, positions
 
 
 class _Composed(torch.nn.Module):
